@@ -1,0 +1,123 @@
+"""Shared timing, table, JSON and chart helpers for the kernel benchmarks."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jax
+import numpy as np
+
+
+@dataclasses.dataclass
+class Record:
+    """One benchmark measurement; `pass_` is the pass name ("fwd", "fwd+bwd", "decode")."""
+
+    kernel: str
+    impl: str
+    shape: str
+    causal: bool | None
+    pass_: str
+    ms: float | None
+    tflops: float | None = None
+    gbps: float | None = None
+    error: str | None = None
+    device: str = ""
+    jax: str = jax.__version__
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["pass"] = d.pop("pass_")
+        return {k: v for k, v in d.items() if v is not None or k in ("ms",)}
+
+
+def device_name() -> str:
+    return jax.devices()[0].device_kind
+
+
+def time_fn(fn: Callable, *args, warmup: int = 3, iters: int = 20) -> float:
+    """Median wall time in milliseconds of `fn(*args)` (already jitted), after warm-up.
+
+    Every call is synchronised with `block_until_ready`, so the median is over whole
+    kernel executions including launch overhead.
+    """
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times) * 1e3)
+
+
+def print_table(records: Sequence[Record], metric: str, ours: str) -> str:
+    """Prints (and returns, as markdown) one row per (shape, pass) with every impl's metric.
+
+    The last column is ours ÷ the best peer (every impl whose name does not start with `ours`).
+    """
+    impls = list(dict.fromkeys(r.impl for r in records))
+    keys = list(dict.fromkeys((r.shape, r.causal, r.pass_) for r in records))
+    header = ["shape", "causal", "pass", *impls, f"{ours} / best peer"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for key in keys:
+        row = {r.impl: r for r in records if (r.shape, r.causal, r.pass_) == key}
+        cells, peers, mine = [], [], None
+        for impl in impls:
+            r = row.get(impl)
+            value = getattr(r, metric) if r is not None else None
+            cells.append("n/a" if r is None else (f"err" if value is None else f"{value:.0f}"))
+            if value is None:
+                continue
+            if impl == ours:
+                mine = value
+            elif not impl.startswith("ours"):
+                peers.append(value)
+        ratio = f"{mine / max(peers):.2f}×" if mine and peers else "n/a"
+        lines.append("| " + " | ".join([key[0], str(key[1]), key[2], *cells, ratio]) + " |")
+    table = "\n".join(lines)
+    print(table)
+    return table
+
+
+def write_outputs(records: Sequence[Record], out_prefix: str | Path, metric: str, ours: str,
+                  title: str) -> None:
+    """Writes `<prefix>.json` (records), `<prefix>.md` (table) and `<prefix>.png` (bar chart)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    prefix = Path(out_prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    prefix.with_suffix(".json").write_text(json.dumps([r.to_json() for r in records], indent=1))
+    table = print_table(records, metric, ours)
+    errors = [f"- {r.impl} {r.shape} {r.pass_}: {r.error}" for r in records if r.error]
+    device = records[0].device if records else "?"
+    md = f"# {title}\n\nDevice: {device}, jax {jax.__version__}. Metric: {metric}.\n\n{table}\n"
+    if errors:
+        md += "\nFailures:\n" + "\n".join(errors) + "\n"
+    prefix.with_suffix(".md").write_text(md)
+
+    impls = list(dict.fromkeys(r.impl for r in records))
+    keys = list(dict.fromkeys((r.shape, r.causal, r.pass_) for r in records))
+    width = 0.8 / max(len(impls), 1)
+    fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(keys)), 4.5))
+    for i, impl in enumerate(impls):
+        vals = []
+        for key in keys:
+            r = next((r for r in records if (r.shape, r.causal, r.pass_) == key and r.impl == impl),
+                     None)
+            vals.append(getattr(r, metric) or 0.0 if r is not None else 0.0)
+        ax.bar(np.arange(len(keys)) + i * width, vals, width, label=impl)
+    labels = [f"{s}\n{'causal' if c else ('full' if c is not None else '')} {p}" for s, c, p in keys]
+    ax.set_xticks(np.arange(len(keys)) + 0.4 - width / 2, labels, fontsize=7)
+    ax.set_ylabel(metric)
+    ax.set_title(f"{title} ({device})")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(prefix.with_suffix(".png"), dpi=120)
+    plt.close(fig)

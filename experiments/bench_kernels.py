@@ -1,0 +1,27 @@
+"""Kernel microbenchmarks: `python -m experiments.bench_kernels {attention,decode,generate}`."""
+
+import argparse
+import importlib
+
+BENCHES = {
+    "attention": "experiments.bench.attention",
+    "decode": "experiments.bench.decode",
+    "generate": "experiments.bench.generate",
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("bench", choices=sorted(BENCHES))
+    parser.add_argument("--out", default=None,
+                        help="output prefix for .json/.md/.png (default: experiments/results/"
+                        "bench_<bench>_<device>)")
+    parser.add_argument("--iters", type=int, default=20, help="timed runs per measurement")
+    parser.add_argument("--quick", action="store_true", help="small shapes, for a CPU smoke run")
+    args = parser.parse_args(argv)
+    module = importlib.import_module(BENCHES[args.bench])
+    module.run(out=args.out, iters=args.iters, quick=args.quick)
+
+
+if __name__ == "__main__":
+    main()
