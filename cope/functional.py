@@ -1,0 +1,323 @@
+"""Pure attention and position-encoding functions: softmax attention, CoPE, RoPE, relative PE.
+
+Every function here is jit-able, differentiable and dtype-preserving (bf16 in, bf16 out); logits,
+softmax, gates and their cumulative sums are computed in float32.
+
+Layout (as `jax.nn.dot_product_attention`), with the dimension letters of the README:
+  q    [B, T, H, D]   queries
+  k, v [B, S, K, D]   keys and values, H % K == 0 (grouped-query attention, G = H // K)
+  out  [B, T, H, D]
+When `causal=True` and T < S, query i sits at key position i + (S - T): the last query is aligned
+with the last key (the decode / chunked-prefill convention). `lengths [B]` is the number of valid
+keys of each sequence; keys at index >= lengths[b] are masked out. A query row with no allowed key
+(only possible when lengths[b] == 0) returns zeros.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+Impl = Literal["xla", "pallas"]
+IMPLS = ("xla", "pallas")
+
+
+# ---------------------------------------------------------------------------------------------
+# Input checks and masks
+# ---------------------------------------------------------------------------------------------
+
+
+def check_qkv(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array | None = None) -> None:
+    """Raises a one-line ValueError naming the argument whose shape or dtype is wrong."""
+    if q.ndim != 4:
+        raise ValueError(f"q must be [batch, q_len, heads, head_dim], got shape {q.shape}")
+    if k.ndim != 4:
+        raise ValueError(f"k must be [batch, kv_len, kv_heads, head_dim], got shape {k.shape}")
+    if v.shape != k.shape:
+        raise ValueError(f"v must have the shape of k {k.shape}, got {v.shape}")
+    if k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
+        raise ValueError(
+            f"k {k.shape} must share batch and head_dim with q {q.shape}"
+        )
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(
+            f"q heads ({q.shape[2]}) must be a multiple of kv heads ({k.shape[2]})"
+        )
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"{name} must be a floating dtype, got {x.dtype}")
+    if lengths is not None:
+        if lengths.shape != (q.shape[0],):
+            raise ValueError(f"lengths must be [batch]={q.shape[0]}, got shape {lengths.shape}")
+        if not jnp.issubdtype(lengths.dtype, jnp.integer):
+            raise ValueError(f"lengths must be an integer array, got {lengths.dtype}")
+
+
+def _check_impl(impl: str) -> None:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+
+
+def attention_mask(
+    q_len: int, kv_len: int, *, causal: bool, lengths: jax.Array | None = None
+) -> jax.Array:
+    """Boolean mask of allowed (query, key) pairs, [B or 1, 1, T, S]; True = attend."""
+    mask = jnp.ones((1, 1, q_len, kv_len), dtype=bool)
+    if causal:
+        q_pos = jnp.arange(q_len)[:, None] + (kv_len - q_len)
+        mask = mask & (jnp.arange(kv_len)[None, :] <= q_pos)[None, None]
+    if lengths is not None:
+        mask = mask & (jnp.arange(kv_len)[None, :] < lengths[:, None])[:, None, None, :]
+    return mask
+
+
+def _group(q: jax.Array, kv_heads: int) -> jax.Array:
+    """[B, T, H, D] -> [B, T, K, G, D]: query heads grouped by the kv head they share."""
+    b, t, h, d = q.shape
+    return q.reshape(b, t, kv_heads, h // kv_heads, d)
+
+
+def _ungroup(x: jax.Array) -> jax.Array:
+    """[B, K, G, T, ...] -> [B, H, T, ...]."""
+    b, kv, g = x.shape[:3]
+    return x.reshape(b, kv * g, *x.shape[3:])
+
+
+def _dot_logits(q: jax.Array, k: jax.Array) -> jax.Array:
+    """q·k for every head: [B, T, H, D] x [B, S, K, D] -> [B, H, T, S] in float32."""
+    qg = _group(q, k.shape[2])
+    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    return _ungroup(logits)
+
+
+def _softmax_values(logits: jax.Array, mask: jax.Array, v: jax.Array) -> jax.Array:
+    """Masked softmax over keys then the weighted sum of values.
+
+    logits [B, H, T, S] float32, mask broadcastable to it, v [B, S, K, D] -> [B, T, H, D] float32.
+    Rows with no allowed key give zeros instead of NaN.
+    """
+    logits = jnp.where(mask, logits, -jnp.inf)
+    row_max = jnp.max(logits, axis=-1, keepdims=True)
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    weights = jnp.exp(logits - jax.lax.stop_gradient(row_max))
+    denom = jnp.sum(weights, axis=-1, keepdims=True)
+    probs = weights / jnp.where(denom > 0, denom, 1.0)
+    b, h, t, s = probs.shape
+    kv_heads = v.shape[2]
+    probs = probs.reshape(b, kv_heads, h // kv_heads, t, s).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, h, v.shape[3])
+
+
+# ---------------------------------------------------------------------------------------------
+# Softmax attention
+# ---------------------------------------------------------------------------------------------
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool = True,
+    lengths: jax.Array | None = None,
+    scale: float | None = None,
+    bias: jax.Array | None = None,
+    impl: Impl = "xla",
+) -> jax.Array:
+    """Softmax attention `softmax(scale·(q·k + bias)) v` with causal/padding masks and GQA.
+
+    Args:
+      q: [B, T, H, D] queries.
+      k, v: [B, S, K, D] keys and values; H must be a multiple of K.
+      causal: mask keys after each query (last query aligned with the last key when T < S).
+      lengths: optional [B] int, the number of valid keys per sequence.
+      scale: logit scale, default 1/sqrt(D).
+      bias: optional [B or 1, H or 1, T, S] logits added to q·k *before* scaling (the units of
+        q·k, as the relative-position term q·r[i-j]). Only with impl="xla".
+      impl: "xla" (pure-jnp reference) or "pallas" (the flash-attention kernel).
+
+    Returns:
+      [B, T, H, D] in q's dtype.
+    """
+    check_qkv(q, k, v, lengths)
+    _check_impl(impl)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if impl == "pallas":
+        if bias is not None:
+            raise ValueError("impl='pallas' does not take a bias; use impl='xla' for relative PE")
+        from pallas_kernels import flash_attention
+
+        return flash_attention(q, k, v, causal=causal, lengths=lengths, scale=scale)
+    logits = _dot_logits(q, k)
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
+    mask = attention_mask(q.shape[1], k.shape[1], causal=causal, lengths=lengths)
+    return _softmax_values(logits * scale, mask, v).astype(q.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# CoPE: contextual position encoding (Golovneva et al. 2024, arXiv 2405.18719)
+# ---------------------------------------------------------------------------------------------
+
+
+def cope_positions(gates: jax.Array, npos: int) -> jax.Array:
+    """Contextual positions p_ij = Σ_{m=j..i} g_im, clamped to npos-1.
+
+    gates [..., T, S] (already zero on masked pairs) -> positions [..., T, S] float32. The sum runs
+    from key j up to the last key of the row, so p_ii = g_ii when future keys are masked.
+    """
+    gates = gates.astype(jnp.float32)
+    suffix_sums = jnp.flip(jnp.cumsum(jnp.flip(gates, -1), axis=-1), -1)
+    return jnp.minimum(suffix_sums, npos - 1)
+
+
+def interpolate_position_logits(pos_logits: jax.Array, positions: jax.Array) -> jax.Array:
+    """Linear interpolation of integer-position logits at fractional positions.
+
+    pos_logits [..., T, N] (z_i[n] = q_i·e[n]), positions [..., T, S] in [0, N-1]
+    -> [..., T, S] with z_i(p) = (p - floor p)·z_i[ceil p] + (1 - p + floor p)·z_i[floor p].
+    Gradients flow to `positions` through the interpolation weight only, as in the official code.
+    """
+    lower = jnp.floor(positions)
+    frac = positions - lower
+    lower_idx = jax.lax.stop_gradient(lower).astype(jnp.int32)
+    upper_idx = jax.lax.stop_gradient(jnp.ceil(positions)).astype(jnp.int32)
+    z_lower = jnp.take_along_axis(pos_logits, lower_idx, axis=-1)
+    z_upper = jnp.take_along_axis(pos_logits, upper_idx, axis=-1)
+    return z_upper * frac + z_lower * (1.0 - frac)
+
+
+def cope_logits(
+    q: jax.Array,
+    k: jax.Array,
+    pos_emb: jax.Array,
+    mask: jax.Array,
+    *,
+    scale: float,
+    nodiv: bool = False,
+    gate_k: jax.Array | None = None,
+    bias: jax.Array | None = None,
+) -> jax.Array:
+    """Pre-softmax CoPE logits [B, H, T, S] float32 (masked entries are left unmasked).
+
+    Default (the official module): (q·k + z(p) [+ bias]) · scale. With `nodiv` (Appendix B):
+    (q·k [+ bias]) · scale + z(p). Gates are sigmoid(scale · q·gate_k), zeroed where `mask` is
+    False, so masked keys and padding never count.
+    """
+    content = _dot_logits(q, k)
+    gate_logits = content if gate_k is None else _dot_logits(q, gate_k)
+    gates = jnp.where(mask, jax.nn.sigmoid(gate_logits * scale), 0.0)
+    positions = cope_positions(gates, pos_emb.shape[0])
+    # [B, T, H, D] x [N, D] -> [B, H, T, N]
+    z = jnp.einsum("bthd,nd->bhtn", q, pos_emb.astype(q.dtype), preferred_element_type=jnp.float32)
+    position_term = interpolate_position_logits(z, positions)
+    if bias is not None:
+        content = content + bias.astype(jnp.float32)
+    if nodiv:
+        return content * scale + position_term
+    return (content + position_term) * scale
+
+
+def cope_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    pos_emb: jax.Array,
+    *,
+    causal: bool = True,
+    lengths: jax.Array | None = None,
+    scale: float | None = None,
+    nodiv: bool = False,
+    gate_k: jax.Array | None = None,
+    bias: jax.Array | None = None,
+    impl: Impl = "xla",
+) -> jax.Array:
+    """CoPE attention, as Meta's official `ContextPosSelfAttn` (facebookresearch/RAM, projects/cope).
+
+    g_ij = sigmoid(q_i·k_j·scale) on allowed pairs (0 elsewhere); p_ij = Σ_{m=j..i} g_im clamped
+    to npos-1; z_i[n] = q_i·e[n]; logits (q_i·k_j + z_i(p_ij))·scale with z interpolated linearly
+    between floor and ceil of p_ij; softmax over allowed keys.
+
+    Args:
+      q: [B, T, H, D]; k, v: [B, S, K, D] (GQA: H % K == 0).
+      pos_emb: [N, D] position table e, shared by all heads of the layer (N = npos).
+      causal, lengths: as `attention`.
+      scale: default 1/sqrt(D); used for the gates and the logits.
+      nodiv: add the position term after scaling (the paper's Appendix B code, `--cope-nodiv`).
+      gate_k: optional [B, S, K, D] separate gate keys (the official `--cope-sep-key`).
+      bias: optional logits in q·k units added before scaling (the `cope+rel` relative term).
+      impl: only "xla" until the fused CoPE kernel exists.
+
+    Returns:
+      [B, T, H, D] in q's dtype.
+    """
+    check_qkv(q, k, v, lengths)
+    _check_impl(impl)
+    if pos_emb.ndim != 2 or pos_emb.shape[1] != q.shape[-1]:
+        raise ValueError(
+            f"pos_emb must be [npos, head_dim={q.shape[-1]}], got shape {pos_emb.shape}"
+        )
+    if gate_k is not None and gate_k.shape != k.shape:
+        raise ValueError(f"gate_k must have the shape of k {k.shape}, got {gate_k.shape}")
+    if impl == "pallas":
+        raise NotImplementedError(
+            "cope_attention(impl='pallas') needs the fused CoPE kernel, which does not exist yet; "
+            "use impl='xla'"
+        )
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    mask = attention_mask(q.shape[1], k.shape[1], causal=causal, lengths=lengths)
+    logits = cope_logits(q, k, pos_emb, mask, scale=scale, nodiv=nodiv, gate_k=gate_k, bias=bias)
+    return _softmax_values(logits, mask, v).astype(q.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# RoPE and relative positions
+# ---------------------------------------------------------------------------------------------
+
+
+def rope(x: jax.Array, positions: jax.Array, *, base: float = 10000.0) -> jax.Array:
+    """Rotary position embedding (Su et al. 2021), rotate-half (GPT-NeoX/Llama) convention.
+
+    x [B, T, H, D] (D even), positions [B, T] or [T] (int or float) -> [B, T, H, D] in x's dtype.
+    rope(q, i)·rope(k, j) depends on i - j only.
+    """
+    d = x.shape[-1]
+    if d % 2:
+        raise ValueError(f"rope needs an even head_dim, got {d}")
+    positions = jnp.asarray(positions, jnp.float32)
+    if positions.ndim == 1:
+        positions = positions[None]
+    if positions.shape[-1] != x.shape[1]:
+        raise ValueError(f"positions must be [batch, {x.shape[1]}] or [{x.shape[1]}], "
+                         f"got shape {positions.shape}")
+    inv_freq = base ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)  # [D/2]
+    angles = positions[..., None] * inv_freq  # [B, T, D/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+def relative_logits(
+    q: jax.Array, rel_emb: jax.Array, kv_len: int, *, q_offset: int | jax.Array | None = None
+) -> jax.Array:
+    """Relative-position logits q_i·r[i-j] [B, H, T, S] float32, in q·k units (unscaled).
+
+    rel_emb [R, D] is one table (the official code shares it by all layers and heads). Distances
+    are capped at R-1, reusing the last embedding beyond it (the official `--rel-pos-extend`, the
+    paper's "Relative-capped"); negative distances (future keys, masked in a causal model) use
+    r[0]. Query i sits at key position i + q_offset (default S - T, as the causal mask); q_offset
+    may be a [B] array (ragged decoding).
+    """
+    b, t = q.shape[:2]
+    offset = kv_len - t if q_offset is None else q_offset
+    offset = jnp.reshape(jnp.asarray(offset, jnp.int32), (-1, 1, 1))  # [B or 1, 1, 1]
+    z = jnp.einsum("bthd,rd->bhtr", q, rel_emb.astype(q.dtype), preferred_element_type=jnp.float32)
+    distance = jnp.arange(t)[None, :, None] + offset - jnp.arange(kv_len)[None, None, :]
+    distance = jnp.clip(distance, 0, rel_emb.shape[0] - 1)  # [B or 1, T, S]
+    index = jnp.broadcast_to(distance[:, None], (b, z.shape[1], t, kv_len))
+    return jnp.take_along_axis(z, index, axis=-1)
