@@ -1,0 +1,346 @@
+"""The Task interface shared by all synthetic tasks: batches, seeding, eval streams and metrics."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+Batch = dict[str, np.ndarray]
+
+# Purpose tags mixed into every SeedSequence so that `sample`, the training stream and the
+# evaluation stream of the same (seed, split) never share random numbers.
+SAMPLE_STREAM = 0
+TRAIN_STREAM = 1
+EVAL_STREAM = 2
+
+
+def check_int(name: str, value: Any, *, minimum: int) -> int:
+    """Returns `value` as an int, or raises a one-line ValueError naming the option."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_probability(name: str, value: Any) -> float:
+    """Returns `value` as a float in [0, 1], or raises a one-line ValueError."""
+    if isinstance(value, bool) or not isinstance(value, int | float | np.floating | np.integer):
+        raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
+    if not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
+    return float(value)
+
+
+def check_choice(name: str, value: Any, allowed: Sequence[Any]) -> Any:
+    """Returns `value` if it is one of `allowed`, else raises a one-line ValueError."""
+    if value not in allowed:
+        allowed_text = ", ".join(repr(a) for a in allowed)
+        raise ValueError(f"unknown {name} {value!r}; allowed: {allowed_text}")
+    return value
+
+
+def next_token_batch(tokens: np.ndarray, scored: np.ndarray) -> Batch:
+    """Builds a next-token batch from full sequences.
+
+    Args:
+        tokens: [n, L] int, whole sequences.
+        scored: [n, L] bool, True at the tokens that are trained on and scored (as targets).
+
+    Returns:
+        dict(inputs=[n, L-1] int32, targets=[n, L-1] int32, loss_mask=[n, L-1] bool), where
+        targets[:, t] = tokens[:, t + 1] and loss_mask[:, t] = scored[:, t + 1].
+    """
+    return {
+        "inputs": np.ascontiguousarray(tokens[:, :-1], dtype=np.int32),
+        "targets": np.ascontiguousarray(tokens[:, 1:], dtype=np.int32),
+        "loss_mask": np.ascontiguousarray(scored[:, 1:], dtype=bool),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class ErrorCounts:
+    """Summable error counts; add the counts of several eval batches, then read `rates()`.
+
+    `tokens` counts scored positions and `sequences` counts rows with at least one scored
+    position (rows of padding, e.g. filling the last eval batch, count for nothing).
+    """
+
+    token_errors: int = 0
+    tokens: int = 0
+    sequence_errors: int = 0
+    sequences: int = 0
+
+    def __add__(self, other: ErrorCounts) -> ErrorCounts:
+        if not isinstance(other, ErrorCounts):
+            return NotImplemented
+        return ErrorCounts(
+            self.token_errors + other.token_errors,
+            self.tokens + other.tokens,
+            self.sequence_errors + other.sequence_errors,
+            self.sequences + other.sequences,
+        )
+
+    def rates(self) -> dict[str, float]:
+        """Error fractions in [0, 1] (NaN when nothing was scored)."""
+        return {
+            "token_error": self.token_errors / self.tokens if self.tokens else float("nan"),
+            "sequence_error": (
+                self.sequence_errors / self.sequences if self.sequences else float("nan")
+            ),
+        }
+
+    def as_dict(self) -> dict[str, float]:
+        """Counts and rates in one flat dict (the format `Task.metrics` returns)."""
+        return {**dataclasses.asdict(self), **self.rates()}
+
+
+COUNT_KEYS = tuple(f.name for f in dataclasses.fields(ErrorCounts))
+
+
+def finalize(metrics: Iterable[dict[str, float] | ErrorCounts]) -> dict[str, float]:
+    """Sums the counts of several `Task.metrics` dicts (or ErrorCounts) and recomputes rates."""
+    total = ErrorCounts()
+    for m in metrics:
+        if isinstance(m, dict):
+            m = ErrorCounts(**{k: int(m[k]) for k in COUNT_KEYS})
+        total = total + m
+    return total.as_dict()
+
+
+def error_counts(predictions: Any, batch: Batch) -> ErrorCounts:
+    """Counts wrong scored tokens and rows with any wrong scored token.
+
+    Args:
+        predictions: [n, T] int predicted ids, or [n, T, V] logits (argmax is taken).
+        batch: a batch from `Task.sample` and friends; uses `targets` and `loss_mask` [n, T].
+    """
+    predictions = np.asarray(predictions)
+    if predictions.ndim == 3:
+        predictions = predictions.argmax(axis=-1)
+    targets, mask = batch["targets"], batch["loss_mask"]
+    if predictions.shape != targets.shape:
+        raise ValueError(
+            f"predictions must have shape {targets.shape} (or [..., vocab] logits), "
+            f"got {predictions.shape}"
+        )
+    wrong = (predictions != targets) & mask  # [n, T]
+    return ErrorCounts(
+        token_errors=int(wrong.sum()),
+        tokens=int(mask.sum()),
+        sequence_errors=int(wrong.any(axis=1).sum()),
+        sequences=int(mask.any(axis=1).sum()),
+    )
+
+
+class Task:
+    """A synthetic next-token task.
+
+    Subclasses set `name`, `vocab`, `splits` (training split first) and `token_separator`
+    (how `decode` joins tokens), and implement `seq_len` and `_batch`. Every batch is
+    dict(inputs, targets, loss_mask) of shape [n, seq_len(split)]: int32, int32, bool.
+
+    Randomness: every call derives a fresh `np.random.SeedSequence` from
+    (seed, split index, stream tag, counter), so batches are pure functions of their
+    arguments and different splits, steps and purposes draw independent numbers.
+    """
+
+    name: str
+    vocab: list[str]
+    splits: tuple[str, ...]
+    token_separator: str = ""
+    pad_id: int | None = None
+
+    def __init__(self) -> None:
+        self._token_ids = {tok: i for i, tok in enumerate(self.vocab)}
+
+    # ----- sizes -----------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    @property
+    def train_split(self) -> str:
+        return self.splits[0]
+
+    def seq_len(self, split: str) -> int:
+        """Width T of the inputs/targets/loss_mask arrays of `split`."""
+        raise NotImplementedError
+
+    @property
+    def max_seq_len(self) -> int:
+        """The longest `seq_len` over all splits (size absolute position tables with this)."""
+        return max(self.seq_len(s) for s in self.splits)
+
+    def num_examples(self, split: str) -> int:
+        """Default number of examples `eval_batches` covers for `split`."""
+        raise NotImplementedError
+
+    # ----- batches ---------------------------------------------------------------------------
+
+    def _batch(self, split: str, n: int, seed_seq: np.random.SeedSequence) -> Batch:
+        """Returns n examples of `split` drawn with `seed_seq`."""
+        raise NotImplementedError
+
+    def _split_index(self, split: str) -> int:
+        return self.splits.index(check_choice("split", split, self.splits))
+
+    def sample(self, split: str, n: int, seed: int) -> Batch:
+        """Draws n examples of `split`; a pure function of (split, n, seed).
+
+        Returns:
+            dict(inputs=[n, T] int32, targets=[n, T] int32, loss_mask=[n, T] bool) with
+            T = seq_len(split); targets[:, t] is the token that follows inputs[:, t].
+        """
+        index = self._split_index(split)
+        n = check_int("n", n, minimum=1)
+        seed = check_int("seed", seed, minimum=0)
+        return self._batch(split, n, np.random.SeedSequence([seed, index, SAMPLE_STREAM]))
+
+    def train_batch(self, seed: int, step: int, batch_size: int) -> Batch:
+        """The training batch of `step`: a pure function of (seed, step, batch_size).
+
+        A run resumed at step s sees exactly the batches s, s+1, ... it would have seen.
+        """
+        seed = check_int("seed", seed, minimum=0)
+        step = check_int("step", step, minimum=0)
+        batch_size = check_int("batch_size", batch_size, minimum=1)
+        seed_seq = np.random.SeedSequence([seed, 0, TRAIN_STREAM, step])
+        return self._batch(self.train_split, batch_size, seed_seq)
+
+    def eval_batches(
+        self, split: str, batch_size: int, *, num_examples: int | None = None, seed: int = 0
+    ) -> Iterator[Batch]:
+        """Yields batches of exactly `batch_size` rows covering `num_examples` examples.
+
+        The last batch is filled up with rows whose loss_mask is all False, so every batch has
+        the same shape (one compilation) and the fill rows count for nothing in `metrics`.
+        Batch i is drawn from (seed, split, i); the set depends on batch_size.
+        """
+        index = self._split_index(split)
+        batch_size = check_int("batch_size", batch_size, minimum=1)
+        seed = check_int("seed", seed, minimum=0)
+        if num_examples is None:
+            num_examples = self.num_examples(split)
+        num_examples = check_int("num_examples", num_examples, minimum=1)
+        for i, start in enumerate(range(0, num_examples, batch_size)):
+            seed_seq = np.random.SeedSequence([seed, index, EVAL_STREAM, i])
+            batch = self._batch(split, batch_size, seed_seq)
+            yield mask_rows(batch, min(batch_size, num_examples - start))
+
+    # ----- text ------------------------------------------------------------------------------
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Token ids -> text; padding is dropped."""
+        ids = np.asarray(ids).reshape(-1)
+        return self.token_separator.join(
+            self.vocab[int(i)] for i in ids if self.pad_id is None or int(i) != self.pad_id
+        )
+
+    def tokenize(self, text: str) -> list[str]:
+        """Text -> token strings (the inverse of the join in `decode`)."""
+        if self.token_separator:
+            return text.split()
+        return list(text)
+
+    def encode(self, text: str) -> np.ndarray:
+        """Text -> [L] int32 token ids; unknown tokens raise ValueError."""
+        tokens = self.tokenize(text)
+        unknown = sorted({t for t in tokens if t not in self._token_ids})
+        if unknown:
+            raise ValueError(f"unknown tokens {unknown} for task {self.name!r}")
+        return np.array([self._token_ids[t] for t in tokens], dtype=np.int32)
+
+    # ----- metrics ---------------------------------------------------------------------------
+
+    def error_counts(self, predictions: Any, batch: Batch) -> ErrorCounts:
+        """Summable counts of wrong scored tokens / sequences; see `ErrorCounts`."""
+        return error_counts(predictions, batch)
+
+    def metrics(self, predictions: Any, batch: Batch) -> dict[str, float]:
+        """Counts and error rates for one batch.
+
+        Args:
+            predictions: [n, T] int predicted ids (or [n, T, V] logits).
+            batch: the batch the predictions are for.
+
+        Returns:
+            dict with token_errors, tokens, sequence_errors, sequences (sum these over batches,
+            or pass the dicts to `finalize`) and token_error, sequence_error (fractions).
+        """
+        return self.error_counts(predictions, batch).as_dict()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(vocab_size={self.vocab_size}, splits={self.splits})"
+
+
+def mask_rows(batch: Batch, keep: int) -> Batch:
+    """Clears the loss_mask of rows >= keep, turning them into filler rows that score nothing."""
+    if keep >= batch["inputs"].shape[0]:
+        return batch
+    out = {k: v.copy() for k, v in batch.items()}
+    out["loss_mask"][keep:] = False
+    return out
+
+
+class FixedTask(Task):
+    """A task whose splits are fixed example sets (a generated dataset or a downloaded one).
+
+    Subclasses implement `num_examples(split)` and `_rows(split, indices)`. Then:
+    - `sample(split, n, seed)` draws n distinct rows (with replacement only if n > size);
+    - `train_batch(seed, step, B)` reads the training set as back-to-back epochs, each a
+      permutation drawn from (seed, epoch): rows step*B .. step*B+B-1 of that endless stream,
+      so one epoch is size/B steps and a resumed run continues mid-epoch exactly;
+    - `eval_batches` walks the split in order (every row once; the last batch is filled).
+    """
+
+    def _rows(self, split: str, indices: np.ndarray) -> Batch:
+        """The batch made of rows `indices` ([n] int) of `split`."""
+        raise NotImplementedError
+
+    def _batch(self, split: str, n: int, seed_seq: np.random.SeedSequence) -> Batch:
+        size = self.num_examples(split)
+        rng = np.random.default_rng(seed_seq)
+        return self._rows(split, rng.choice(size, size=n, replace=n > size))
+
+    def train_batch(self, seed: int, step: int, batch_size: int) -> Batch:
+        seed = check_int("seed", seed, minimum=0)
+        step = check_int("step", step, minimum=0)
+        batch_size = check_int("batch_size", batch_size, minimum=1)
+        size = self.num_examples(self.train_split)
+        stream = step * batch_size + np.arange(batch_size, dtype=np.int64)  # [B]
+        epochs, offsets = np.divmod(stream, size)
+        indices = np.empty(batch_size, dtype=np.int64)
+        for epoch in np.unique(epochs):
+            seed_seq = np.random.SeedSequence([seed, 0, TRAIN_STREAM, int(epoch)])
+            order = np.random.default_rng(seed_seq).permutation(size)
+            here = epochs == epoch
+            indices[here] = order[offsets[here]]
+        return self._rows(self.train_split, indices)
+
+    def eval_batches(
+        self, split: str, batch_size: int, *, num_examples: int | None = None, seed: int = 0
+    ) -> Iterator[Batch]:
+        """Yields the first `num_examples` rows of `split` (default: all) in order.
+
+        Batches have exactly `batch_size` rows; the last one is filled with rows whose
+        loss_mask is all False. `seed` is unused (the order is fixed).
+        """
+        self._split_index(split)
+        batch_size = check_int("batch_size", batch_size, minimum=1)
+        size = self.num_examples(split)
+        if num_examples is None:
+            num_examples = size
+        num_examples = check_int("num_examples", num_examples, minimum=1)
+        if num_examples > size:
+            raise ValueError(
+                f"num_examples must be <= {size} for split {split!r}, got {num_examples}"
+            )
+        for start in range(0, num_examples, batch_size):
+            keep = min(batch_size, num_examples - start)
+            indices = np.arange(start, start + batch_size) % num_examples
+            yield mask_rows(self._rows(split, indices), keep)
