@@ -1,0 +1,293 @@
+"""FlashAttention-2 forward and backward (Dao, 2023, arXiv 2307.08691) as Pallas-Triton kernels.
+
+Layout BTHD, GQA by indexing kv head `h // G`, causal masking aligned to the last key, ragged
+`lengths`. Sequences arrive padded to whole blocks (see `api.py`); padded keys are masked
+through `lengths <= S`, padded query rows are computed and sliced off by the caller.
+Each KV (or Q) loop is split in two: blocks that need no mask run a lean body, only the few
+blocks crossing the diagonal or the length boundary pay for the mask.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels.flash_attention.config import TritonConfig
+
+LOG2E = math.log2(math.e)
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def _dot(a: jax.Array, b: jax.Array, *, trans_a: bool = False, trans_b: bool = False):
+    """fp32-accumulated matmul; fp32 inputs stay fp32 (no tf32)."""
+    dims = (((0,) if trans_a else (1,), (1,) if trans_b else (0,)), ((), ()))
+    return lax.dot_general(a, b, dims, precision=lax.Precision.HIGHEST,
+                           preferred_element_type=jnp.float32)
+
+
+def _cdiv(a, b: int):
+    """Ceil-division of a non-negative traced int by a static int."""
+    return lax.div(a + (b - 1), b)
+
+
+def _q_block_bounds(q_block, length, *, block_q: int, block_k: int, causal: bool, offset: int):
+    """KV-block range [0, hi) seen by a query block, and the prefix [0, full) needing no mask."""
+    hi = _cdiv(length, block_k)
+    full = lax.div(length, block_k)
+    if causal:
+        last_row = (q_block + 1) * block_q - 1
+        hi = jnp.minimum(hi, _cdiv(jnp.maximum(last_row + offset + 1, 0), block_k))
+        full = jnp.minimum(full, lax.div(jnp.maximum(q_block * block_q + offset + 1, 0), block_k))
+    full = jnp.minimum(full, hi)
+    return full, hi
+
+
+def _q_block_map(causal: bool, num_q_blocks: int):
+    """Grid index -> query block. Causal launches the heaviest (last) query blocks first, which
+    shortens the tail of the launch."""
+    if causal:
+        return lambda i: num_q_blocks - 1 - i
+    return lambda i: i
+
+
+def _q_block_id(causal: bool, num_q_blocks: int):
+    return _q_block_map(causal, num_q_blocks)(pl.program_id(0))
+
+
+def _mask(rows, cols, length, *, causal: bool, offset: int):
+    """[rows, cols] validity: key inside `length` and (causal) not after the query."""
+    valid = cols[None, :] < length
+    if causal:
+        valid = valid & (cols[None, :] <= rows[:, None] + offset)
+    return valid
+
+
+def _forward_kernel(
+    length_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
+    *, scale: float, causal: bool, offset: int, block_q: int, block_k: int, num_q_blocks: int,
+):
+    # length_ref: [] int32; q_ref, o_ref: [block_q, D]; k_ref, v_ref: [S_pad, D];
+    # lse_ref: [block_q] fp32
+    q_block = _q_block_id(causal, num_q_blocks)
+    length = length_ref[...]
+    head_dim = q_ref.shape[-1]
+    q = q_ref[...]  # [block_q, D]
+    qk_scale = scale * LOG2E
+    rows = q_block * block_q + jnp.arange(block_q)  # [block_q]
+
+    def body(kv_block, carry, *, masked: bool):
+        acc, m_prev, l_prev = carry
+        k = k_ref[pl.ds(kv_block * block_k, block_k), :]  # [block_k, D]
+        s = _dot(q, k, trans_b=True) * qk_scale  # [block_q, block_k], log2 domain
+        if masked:
+            cols = kv_block * block_k + jnp.arange(block_k)
+            valid = _mask(rows, cols, length, causal=causal, offset=offset)
+            s = jnp.where(valid, s, MASK_VALUE)
+        m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))  # [block_q]
+        alpha = jnp.exp2(m_prev - m_next)
+        p = jnp.exp2(s - m_next[:, None])
+        if masked:
+            p = jnp.where(valid, p, 0.0)
+        l_next = l_prev * alpha + jnp.sum(p, axis=1)
+        v = v_ref[pl.ds(kv_block * block_k, block_k), :]  # [block_k, D]
+        acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
+        return acc, m_next, l_next
+
+    full, hi = _q_block_bounds(q_block, length, block_q=block_q, block_k=block_k,
+                               causal=causal, offset=offset)
+    carry = (
+        jnp.zeros((block_q, head_dim), jnp.float32),
+        jnp.full((block_q,), MASK_VALUE, jnp.float32),
+        jnp.zeros((block_q,), jnp.float32),
+    )
+    carry = lax.fori_loop(0, full, functools.partial(body, masked=False), carry)
+    acc, m, l = lax.fori_loop(full, hi, functools.partial(body, masked=True), carry)
+    empty = l == 0.0
+    l_safe = jnp.where(empty, 1.0, l)
+    o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(empty, -jnp.inf, (m + jnp.log2(l_safe)) / LOG2E)
+
+
+def forward(q, k, v, lengths, *, scale: float, causal: bool, offset: int, config: TritonConfig,
+            interpret: bool, debug: bool = False):
+    """q [B, T_pad, H, D], k/v [B, S_pad, K, D], lengths [B] int32 -> out [B, T_pad, H, D],
+    lse [B, H, T_pad] fp32 (natural log)."""
+    batch, q_len, heads, head_dim = q.shape
+    kv_len, kv_heads = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    block_q, block_k = config.block_q, config.block_k
+    num_q_blocks = q_len // block_q
+    kernel = functools.partial(_forward_kernel, scale=scale, causal=causal, offset=offset,
+                               block_q=block_q, block_k=block_k, num_q_blocks=num_q_blocks)
+    qb = _q_block_map(causal, num_q_blocks)
+    in_specs = [
+        pl.BlockSpec((None,), lambda i, b, h: (b,)),
+        pl.BlockSpec((None, block_q, None, head_dim), lambda i, b, h: (b, qb(i), h, 0)),
+        pl.BlockSpec((None, kv_len, None, head_dim), lambda i, b, h: (b, 0, h // group, 0)),
+        pl.BlockSpec((None, kv_len, None, head_dim), lambda i, b, h: (b, 0, h // group, 0)),
+    ]
+    out_specs = [
+        pl.BlockSpec((None, block_q, None, head_dim), lambda i, b, h: (b, qb(i), h, 0)),
+        pl.BlockSpec((None, None, block_q), lambda i, b, h: (b, h, qb(i))),
+    ]
+    return pl.pallas_call(
+        kernel,
+        grid=(num_q_blocks, batch, heads),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=[
+            jax.ShapeDtypeStruct(q.shape, q.dtype),
+            jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32),
+        ],
+        compiler_params=pltriton.CompilerParams(num_warps=config.num_warps,
+                                                num_stages=config.num_stages),
+        interpret=interpret,
+        debug=debug,
+        name="flash_attention_fwd",
+    )(lengths, q, k, v)
+
+
+def _dq_kernel(
+    length_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
+    *, scale: float, causal: bool, offset: int, block_q: int, block_k: int, num_q_blocks: int,
+):
+    # length_ref: [] int32; q_ref, do_ref, dq_ref: [block_q, D]; k_ref, v_ref: [S_pad, D];
+    # lse_ref, delta_ref: [block_q] fp32
+    q_block = _q_block_id(causal, num_q_blocks)
+    length = length_ref[...]
+    q = q_ref[...]  # [block_q, D]
+    do = do_ref[...]  # [block_q, D]
+    lse2 = lse_ref[...] * LOG2E  # [block_q]
+    delta = delta_ref[...]  # [block_q]
+    qk_scale = scale * LOG2E
+    rows = q_block * block_q + jnp.arange(block_q)
+
+    def body(kv_block, dq, *, masked: bool):
+        k = k_ref[pl.ds(kv_block * block_k, block_k), :]  # [block_k, D]
+        v = v_ref[pl.ds(kv_block * block_k, block_k), :]  # [block_k, D]
+        s = _dot(q, k, trans_b=True) * qk_scale  # [block_q, block_k]
+        p = jnp.exp2(s - lse2[:, None])
+        if masked:
+            cols = kv_block * block_k + jnp.arange(block_k)
+            p = jnp.where(_mask(rows, cols, length, causal=causal, offset=offset), p, 0.0)
+        dp = _dot(do, v, trans_b=True)  # [block_q, block_k]
+        ds = p * (dp - delta[:, None])
+        return dq + _dot(ds.astype(k.dtype), k)
+
+    full, hi = _q_block_bounds(q_block, length, block_q=block_q, block_k=block_k,
+                               causal=causal, offset=offset)
+    dq = jnp.zeros(q.shape, jnp.float32)
+    dq = lax.fori_loop(0, full, functools.partial(body, masked=False), dq)
+    dq = lax.fori_loop(full, hi, functools.partial(body, masked=True), dq)
+    dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(
+    length_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
+    *, scale: float, causal: bool, offset: int, block_q: int, block_k: int, group: int,
+):
+    # length_ref: [] int32; q_ref, do_ref: [T_pad, G, D]; k_ref, v_ref, dk_ref, dv_ref:
+    # [block_k, D]; lse_ref, delta_ref: [G, T_pad] fp32
+    kv_block = pl.program_id(0)
+    length = length_ref[...]
+    q_len = q_ref.shape[0]
+    num_q_blocks = q_len // block_q
+    k = k_ref[...]  # [block_k, D]
+    v = v_ref[...]  # [block_k, D]
+    qk_scale = scale * LOG2E
+    cols = kv_block * block_k + jnp.arange(block_k)  # [block_k]
+
+    # Query blocks [lo, full) cross the diagonal or see padded keys; [full, num_q_blocks) don't.
+    lo = jnp.int32(0)
+    full = jnp.int32(0)
+    if causal:
+        lo = lax.div(jnp.maximum(kv_block * block_k - offset, 0), block_q)
+        full = _cdiv(jnp.maximum((kv_block + 1) * block_k - 1 - offset, 0), block_q)
+    full = jnp.where((kv_block + 1) * block_k <= length, full, num_q_blocks)
+    lo = jnp.where(kv_block * block_k < length, lo, num_q_blocks)
+    lo = jnp.minimum(lo, num_q_blocks)
+    full = jnp.clip(full, lo, num_q_blocks)
+
+    def body(q_block, carry, *, g, masked: bool):
+        dk, dv = carry
+        q_rows = pl.ds(q_block * block_q, block_q)
+        q = q_ref[q_rows, g, :]  # [block_q, D]
+        do = do_ref[q_rows, g, :]  # [block_q, D]
+        lse2 = lse_ref[g, q_rows] * LOG2E  # [block_q]
+        delta = delta_ref[g, q_rows]  # [block_q]
+        s = _dot(q, k, trans_b=True) * qk_scale  # [block_q, block_k]
+        p = jnp.exp2(s - lse2[:, None])
+        if masked:
+            rows = q_block * block_q + jnp.arange(block_q)
+            p = jnp.where(_mask(rows, cols, length, causal=causal, offset=offset), p, 0.0)
+        dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)  # [block_k, D]
+        dp = _dot(do, v, trans_b=True)  # [block_q, block_k]
+        ds = p * (dp - delta[:, None])
+        dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)  # [block_k, D]
+        return dk, dv
+
+    def head(g, carry):
+        carry = lax.fori_loop(lo, full, functools.partial(body, g=g, masked=True), carry)
+        return lax.fori_loop(full, num_q_blocks, functools.partial(body, g=g, masked=False), carry)
+
+    zeros = jnp.zeros(k.shape, jnp.float32)
+    dk, dv = lax.fori_loop(0, group, head, (zeros, zeros))
+    dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def backward(q, k, v, lengths, out, lse, do, *, scale: float, causal: bool, offset: int,
+             config: TritonConfig, interpret: bool, debug: bool = False):
+    """Gradients (dq, dk, dv) of the padded problem; GQA dk/dv summed over each group."""
+    batch, q_len, heads, head_dim = q.shape
+    kv_len, kv_heads = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    # [B, H, T_pad]: rowsum(o * do), the softmax-gradient correction of FlashAttention-2.
+    delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32))
+    params = pltriton.CompilerParams(num_warps=config.num_warps_bwd,
+                                     num_stages=config.num_stages_bwd)
+
+    block_q, block_k = config.block_q_dq, config.block_k_dq
+    num_q_blocks = q_len // block_q
+    qb = _q_block_map(causal, num_q_blocks)
+    q_spec = pl.BlockSpec((None, block_q, None, head_dim), lambda i, b, h: (b, qb(i), h, 0))
+    kv_spec = pl.BlockSpec((None, kv_len, None, head_dim), lambda i, b, h: (b, 0, h // group, 0))
+    row_spec = pl.BlockSpec((None, None, block_q), lambda i, b, h: (b, h, qb(i)))
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, scale=scale, causal=causal, offset=offset,
+                          block_q=block_q, block_k=block_k, num_q_blocks=num_q_blocks),
+        grid=(num_q_blocks, batch, heads),
+        in_specs=[pl.BlockSpec((None,), lambda i, b, h: (b,)), q_spec, kv_spec, kv_spec, q_spec,
+                  row_spec, row_spec],
+        out_specs=q_spec,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=params,
+        interpret=interpret,
+        debug=debug,
+        name="flash_attention_dq",
+    )(lengths, q, k, v, do, lse, delta)
+
+    block_q, block_k = config.block_q_dkv, config.block_k_dkv
+    q_spec = pl.BlockSpec((None, q_len, group, head_dim), lambda i, b, h: (b, 0, h, 0))
+    kv_spec = pl.BlockSpec((None, block_k, None, head_dim), lambda i, b, h: (b, i, h, 0))
+    row_spec = pl.BlockSpec((None, group, q_len), lambda i, b, h: (b, h, 0))
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkv_kernel, scale=scale, causal=causal, offset=offset,
+                          block_q=block_q, block_k=block_k, group=group),
+        grid=(kv_len // block_k, batch, kv_heads),
+        in_specs=[pl.BlockSpec((None,), lambda i, b, h: (b,)), q_spec, kv_spec, kv_spec, q_spec,
+                  row_spec, row_spec],
+        out_specs=[kv_spec, kv_spec],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        compiler_params=params,
+        interpret=interpret,
+        debug=debug,
+        name="flash_attention_dkv",
+    )(lengths, q, k, v, do, lse, delta)
+    return dq, dk, dv

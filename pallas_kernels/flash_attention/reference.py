@@ -1,0 +1,70 @@
+"""Reference multi-head attention (pure jnp, fp32 math): the spec the flash kernels must match."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def attention_reference(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool = True,
+    lengths: jax.Array | None = None,
+    scale: float | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Softmax attention in fp32, returning the output and the log-sum-exp residual.
+
+    Args:
+      q: [B, T, H, D] queries.
+      k: [B, S, K, D] keys, with `H % K == 0`; query head `h` reads kv head `h // (H // K)`.
+      v: [B, S, K, D] values.
+      causal: query `i` sees key `j` only when `j <= i + (S - T)`, i.e. the last query is
+        aligned with the last key when `T < S`.
+      lengths: optional [B] int, number of valid keys per sequence; keys `j >= lengths[b]`
+        are masked (padding).
+      scale: logit scale, `1/sqrt(D)` by default.
+
+    Returns:
+      out: [B, T, H, D] in `q.dtype`. Rows that see no key at all are 0.
+      lse: [B, H, T] fp32 natural-log sum of exp of the scaled logits (-inf for empty rows).
+    """
+    batch, q_len, heads, head_dim = q.shape
+    kv_len, kv_heads = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    if scale is None:
+        scale = head_dim**-0.5
+    qf = q.astype(jnp.float32).reshape(batch, q_len, kv_heads, group, head_dim)
+    kf = k.astype(jnp.float32)
+    vf = v.astype(jnp.float32)
+    # [B, K, G, T, S]
+    logits = jnp.einsum("btkgd,bskd->bkgts", qf, kf, precision="highest") * scale
+    valid = jnp.ones((batch, 1, 1, q_len, kv_len), dtype=bool)
+    cols = jnp.arange(kv_len)
+    if lengths is not None:
+        valid &= (cols[None, :] < lengths[:, None])[:, None, None, None, :]
+    if causal:
+        rows = jnp.arange(q_len) + (kv_len - q_len)
+        valid &= (cols[None, :] <= rows[:, None])[None, None, None]
+    logits = jnp.where(valid, logits, -jnp.inf)
+    lse = jax.nn.logsumexp(logits, axis=-1)  # [B, K, G, T]
+    finite = jnp.isfinite(lse)
+    probs = jnp.where(valid, jnp.exp(logits - jnp.where(finite, lse, 0.0)[..., None]), 0.0)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, vf, precision="highest")
+    out = out.reshape(batch, q_len, heads, head_dim).astype(q.dtype)
+    return out, lse.reshape(batch, heads, q_len)
+
+
+def flash_attention_reference(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool = True,
+    lengths: jax.Array | None = None,
+    scale: float | None = None,
+) -> jax.Array:
+    """`attention_reference` without the residual: the same contract as `flash_attention`."""
+    return attention_reference(q, k, v, causal=causal, lengths=lengths, scale=scale)[0]
