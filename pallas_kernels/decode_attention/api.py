@@ -1,0 +1,138 @@
+"""Public split-KV decode attention: validation, the unified-max φ, and backend dispatch."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels._interpret import resolve_interpret
+from pallas_kernels.decode_attention.combine import combine_online, unified_with_fallback
+from pallas_kernels.decode_attention.config import DecodeConfig, heuristic_config
+from pallas_kernels.decode_attention.pallas_triton import decode_partials
+
+SOFTMAX_MODES = ("online", "unified_max")
+SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
+# Default unified max φ (natural-log units of the scaled logits). Trained models keep their
+# logits within tens of 0 (FlashDecoding++ Fig. 5: Llama2-7B in [-16.8, 6.5]); with φ = 0 the
+# exact window of `unified_window` is about (-60, 78) at 32k keys, so the fallback is rare.
+DEFAULT_PHI = 0.0
+
+
+def _validate(q, k_cache, v_cache, lengths) -> None:
+    if q.ndim != 3:
+        raise ValueError(f"q must be [batch, heads, head_dim], got shape {q.shape}")
+    if k_cache.ndim != 4:
+        raise ValueError(
+            f"k_cache must be [batch, max_len, kv_heads, head_dim], got shape {k_cache.shape}")
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache shape {v_cache.shape} must equal k_cache shape {k_cache.shape}")
+    batch, heads, head_dim = q.shape
+    if k_cache.shape[0] != batch or k_cache.shape[3] != head_dim:
+        raise ValueError(f"k_cache shape {k_cache.shape} does not match q shape {q.shape} "
+                         "(batch and head_dim must agree)")
+    if k_cache.shape[1] < 1:
+        raise ValueError(f"k_cache max_len must be >= 1, got shape {k_cache.shape}")
+    if heads % k_cache.shape[2]:
+        raise ValueError(f"q heads ({heads}) must be a multiple of k_cache kv_heads "
+                         f"({k_cache.shape[2]}), got q {q.shape} and k_cache {k_cache.shape}")
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        raise ValueError(f"q head_dim must be a power of two >= 16, got shape {q.shape}")
+    for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if jnp.dtype(x.dtype) not in SUPPORTED_DTYPES:
+            raise ValueError(f"{name} dtype must be bfloat16 or float32, got {x.dtype}")
+    if not (q.dtype == k_cache.dtype == v_cache.dtype):
+        raise ValueError(f"q, k_cache, v_cache dtypes must agree, got {q.dtype}, "
+                         f"{k_cache.dtype}, {v_cache.dtype}")
+    if lengths.shape != (batch,):
+        raise ValueError(f"lengths must be [batch] = ({batch},), got shape {lengths.shape}")
+    if not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise ValueError(f"lengths dtype must be int32, got {lengths.dtype}")
+
+
+def _phi_per_head(phi, heads: int) -> jax.Array:
+    """φ as float32 [heads] from None (DEFAULT_PHI), a scalar, or a [heads] array."""
+    if phi is None:
+        phi = DEFAULT_PHI
+    shape = np.shape(phi)
+    if shape not in ((), (heads,)):
+        raise ValueError(f"phi must be a scalar or [heads] = ({heads},), got shape {shape}")
+    return jnp.broadcast_to(jnp.asarray(phi, jnp.float32), (heads,))
+
+
+def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array,
+                     *, scale: float | None = None, softmax: str = "unified_max", phi=None,
+                     num_splits: int | None = None, config: DecodeConfig | None = None,
+                     interpret: bool | None = None, debug: bool = False) -> jax.Array:
+    """Attention of one new query token over a KV cache, split along the keys (Flash-Decoding).
+
+    Args:
+      q: [batch, heads, head_dim] bfloat16 or float32, the new token's queries.
+      k_cache, v_cache: [batch, max_len, kv_heads, head_dim], q's dtype. GQA: the query heads
+        h = j·group .. (j+1)·group-1 attend kv head j and are processed together, so every
+        K/V byte is read once.
+      lengths: [batch] int32, valid cached keys per row (clipped to [0, max_len]); keys at
+        positions >= lengths[b] are never read. Rows with lengths == 0 return zeros.
+      scale: logit scale (a Python float), default 1/sqrt(head_dim).
+      softmax: "online" (Flash-Decoding: running max per split, log-sum-exp combine) or
+        "unified_max" (FlashDecoding++: every split sums e^{s-φ} and e^{s-φ}·v with no running
+        max, combined as Σo/Σl; rows whose max logit leaves the exact window around φ, see
+        `combine.unified_window`, are recomputed with the online path). Both are exact.
+      phi: the unified max φ in the units of the scaled logits `scale·q·k`: a scalar (one per
+        layer) or [heads] (one per query head); None means DEFAULT_PHI = 0. Ignored by "online".
+      num_splits: KV splits per (batch, kv_head); None picks from max_len, batch and the SM
+        count (`config.heuristic_config`). Overrides `config.num_splits` when both are given.
+      config: full tuning config; None uses `heuristic_config`.
+      interpret: run the Pallas kernel in interpret mode; None interprets when there is no GPU.
+
+    Returns:
+      [batch, heads, head_dim] in q's dtype.
+    """
+    _validate(q, k_cache, v_cache, lengths)
+    if softmax not in SOFTMAX_MODES:
+        raise ValueError(f"softmax must be one of {SOFTMAX_MODES}, got {softmax!r}")
+    if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
+        raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
+    batch, heads, head_dim = q.shape
+    max_len, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = heads // kv_heads
+    if config is None:
+        config = heuristic_config(batch, max_len, kv_heads, group, head_dim,
+                                  num_splits=num_splits)
+    elif num_splits is not None:
+        config = DecodeConfig(**{**_asdict(config), "num_splits": num_splits})
+    if not config.use_dot and group != 1:
+        raise ValueError(f"config.use_dot=False needs heads == kv_heads, got q {q.shape} "
+                         f"and k_cache {k_cache.shape}")
+    scale = float(head_dim**-0.5 if scale is None else scale)
+    return _decode_attention(q, k_cache, v_cache, lengths.astype(jnp.int32),
+                             _phi_per_head(phi, heads), scale=scale, softmax=softmax,
+                             config=config, interpret=resolve_interpret(interpret), debug=debug)
+
+
+def _asdict(config: DecodeConfig) -> dict:
+    return {f: getattr(config, f) for f in config.__dataclass_fields__}
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "softmax", "config", "interpret", "debug"))
+def _decode_attention(q, k_cache, v_cache, lengths, phi, *, scale, softmax, config, interpret,
+                      debug):
+    batch, heads, head_dim = q.shape
+    max_len, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = heads // kv_heads
+    qg = q.reshape(batch, kv_heads, group, head_dim)  # [B, K, G, D]
+    phig = phi.reshape(kv_heads, group)  # [K, G]
+    lengths = jnp.clip(lengths, 0, max_len)
+    run = functools.partial(decode_partials, qg, k_cache, v_cache, lengths, phig, scale=scale,
+                            config=config, interpret=interpret, debug=debug)
+
+    def online():
+        return combine_online(run(softmax="online"))
+
+    if softmax == "online":
+        out = online()
+    else:
+        out = unified_with_fallback(run(softmax="unified_max"), phig, max_len, online)
+    return out.reshape(batch, heads, head_dim).astype(q.dtype)
