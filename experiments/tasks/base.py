@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -287,6 +288,15 @@ def mask_rows(batch: Batch, keep: int) -> Batch:
     return out
 
 
+@functools.lru_cache(maxsize=4)
+def epoch_order(seed: int, epoch: int, size: int) -> np.ndarray:
+    """[size] the order in which epoch `epoch` of a fixed training set is read (cached)."""
+    seed_seq = np.random.SeedSequence([seed, 0, TRAIN_STREAM, epoch])
+    order = np.random.default_rng(seed_seq).permutation(size)
+    order.setflags(write=False)
+    return order
+
+
 class FixedTask(Task):
     """A task whose splits are fixed example sets (a generated dataset or a downloaded one).
 
@@ -316,10 +326,8 @@ class FixedTask(Task):
         epochs, offsets = np.divmod(stream, size)
         indices = np.empty(batch_size, dtype=np.int64)
         for epoch in np.unique(epochs):
-            seed_seq = np.random.SeedSequence([seed, 0, TRAIN_STREAM, int(epoch)])
-            order = np.random.default_rng(seed_seq).permutation(size)
             here = epochs == epoch
-            indices[here] = order[offsets[here]]
+            indices[here] = epoch_order(seed, int(epoch), size)[offsets[here]]
         return self._rows(self.train_split, indices)
 
     def eval_batches(

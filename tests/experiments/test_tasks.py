@@ -408,3 +408,41 @@ def test_bad_predictions_shape():
     batch = task.sample("val", 2, 0)
     with pytest.raises(ValueError, match=r"predictions must have shape \(2, 7\)"):
         task.metrics(batch["targets"][:, :-1], batch)
+
+
+def test_flipflop_hub_path_with_a_stand_in_dataset(monkeypatch, seed):
+    """The hub code path (row access, char encoding, scoring) on a local stand-in dataset."""
+    datasets = pytest.importorskip("datasets")
+    local = make_task("flipflop", num_pairs=8)
+    texts = {
+        split: [local.decode(row) for row in full_tokens(local.sample(split, 30, seed))]
+        for split in local.splits
+    }
+    stand_in = datasets.DatasetDict(
+        {split: datasets.Dataset.from_dict({"text": t}) for split, t in texts.items()}
+    )
+    monkeypatch.setattr(datasets, "load_dataset", lambda name: stand_in)
+    task = make_task("flipflop", source="hub")
+    assert task.seq_len("val_sparse") == 15 and task.num_examples("val") == 30
+    batch = task.sample("val_dense", 7, seed)
+    assert batch["inputs"].shape == (7, 15) and batch["inputs"].dtype == np.int32
+    assert {task.decode(r) for r in full_tokens(batch)} <= set(texts["val_dense"])
+    np.testing.assert_array_equal(batch["loss_mask"], batch["inputs"] == 1)
+    epoch = np.concatenate([task.train_batch(seed, step, 10)["inputs"] for step in range(3)])
+    assert sorted(task.decode(r) for r in epoch) == sorted(t[:-1] for t in texts["train"])
+    decoded = [task.decode(r) for b in task.eval_batches("val", 8) for r in full_tokens(b)]
+    assert decoded[:30] == texts["val"]
+
+
+@pytest.mark.parametrize("name", ["flipflop", "selective_copy"])
+def test_generated_batches_are_fast(name):
+    import time
+
+    task = make_task(name)
+    times = []
+    for step in range(3):
+        start = time.perf_counter()
+        task.sample("val_sparse", 64, step)
+        task.train_batch(0, step, 64)
+        times.append(time.perf_counter() - start)
+    assert min(times) < 0.1, times
