@@ -155,11 +155,11 @@ class Counting(FixedTask):
         ntest: int = 1_000,
         data_seed: int = 0,
     ) -> None:
-        if isinstance(nvars, bool) or not isinstance(nvars, int) or not 1 <= nvars <= 26:
+        if isinstance(nvars, bool) or not isinstance(nvars, int | np.integer) or not 0 < nvars < 27:
             raise ValueError(
                 f"nvars must be an integer in 1..26 (the paper uses 1, 3, 5), got {nvars!r}"
             )
-        self.nvars = nvars
+        self.nvars = int(nvars)
         self.max_steps = check_int("max_steps", max_steps, minimum=3)
         self.block_size = check_int("block_size", block_size, minimum=2)
         self.sizes = {

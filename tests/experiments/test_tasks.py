@@ -6,6 +6,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from collections import Counter
 
 import numpy as np
@@ -436,8 +437,6 @@ def test_flipflop_hub_path_with_a_stand_in_dataset(monkeypatch, seed):
 
 @pytest.mark.parametrize("name", ["flipflop", "selective_copy"])
 def test_generated_batches_are_fast(name):
-    import time
-
     task = make_task(name)
     times = []
     for step in range(3):
