@@ -73,6 +73,11 @@ def attention_mask(
     return mask
 
 
+def _acc(dtype) -> jnp.dtype:
+    """Accumulation dtype: float32, or float64 when the inputs are float64 (gradient checks)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def _group(q: jax.Array, kv_heads: int) -> jax.Array:
     """[B, T, H, D] -> [B, T, K, G, D]: query heads grouped by the kv head they share."""
     b, t, h, d = q.shape
@@ -88,7 +93,7 @@ def _ungroup(x: jax.Array) -> jax.Array:
 def _dot_logits(q: jax.Array, k: jax.Array) -> jax.Array:
     """q·k for every head: [B, T, H, D] x [B, S, K, D] -> [B, H, T, S] in float32."""
     qg = _group(q, k.shape[2])
-    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=_acc(q.dtype))
     return _ungroup(logits)
 
 
@@ -107,7 +112,7 @@ def _softmax_values(logits: jax.Array, mask: jax.Array, v: jax.Array) -> jax.Arr
     b, h, t, s = probs.shape
     kv_heads = v.shape[2]
     probs = probs.reshape(b, kv_heads, h // kv_heads, t, s).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=_acc(v.dtype))
     return out.reshape(b, t, h, v.shape[3])
 
 
@@ -153,7 +158,7 @@ def attention(
         return flash_attention(q, k, v, causal=causal, lengths=lengths, scale=scale)
     logits = _dot_logits(q, k)
     if bias is not None:
-        logits = logits + bias.astype(jnp.float32)
+        logits = logits + bias.astype(logits.dtype)
     mask = attention_mask(q.shape[1], k.shape[1], causal=causal, lengths=lengths)
     return _softmax_values(logits * scale, mask, v).astype(q.dtype)
 
@@ -169,7 +174,7 @@ def cope_positions(gates: jax.Array, npos: int) -> jax.Array:
     gates [..., T, S] (already zero on masked pairs) -> positions [..., T, S] float32. The sum runs
     from key j up to the last key of the row, so p_ii = g_ii when future keys are masked.
     """
-    gates = gates.astype(jnp.float32)
+    gates = gates.astype(_acc(gates.dtype))
     suffix_sums = jnp.flip(jnp.cumsum(jnp.flip(gates, -1), axis=-1), -1)
     return jnp.minimum(suffix_sums, npos - 1)
 
@@ -212,10 +217,10 @@ def cope_logits(
     gates = jnp.where(mask, jax.nn.sigmoid(gate_logits * scale), 0.0)
     positions = cope_positions(gates, pos_emb.shape[0])
     # [B, T, H, D] x [N, D] -> [B, H, T, N]
-    z = jnp.einsum("bthd,nd->bhtn", q, pos_emb.astype(q.dtype), preferred_element_type=jnp.float32)
+    z = jnp.einsum("bthd,nd->bhtn", q, pos_emb.astype(q.dtype), preferred_element_type=_acc(q.dtype))
     position_term = interpolate_position_logits(z, positions)
     if bias is not None:
-        content = content + bias.astype(jnp.float32)
+        content = content + bias.astype(content.dtype)
     if nodiv:
         return content * scale + position_term
     return (content + position_term) * scale
@@ -287,17 +292,17 @@ def rope(x: jax.Array, positions: jax.Array, *, base: float = 10000.0) -> jax.Ar
     d = x.shape[-1]
     if d % 2:
         raise ValueError(f"rope needs an even head_dim, got {d}")
-    positions = jnp.asarray(positions, jnp.float32)
+    positions = jnp.asarray(positions, _acc(x.dtype))
     if positions.ndim == 1:
         positions = positions[None]
     if positions.shape[-1] != x.shape[1]:
         raise ValueError(f"positions must be [batch, {x.shape[1]}] or [{x.shape[1]}], "
                          f"got shape {positions.shape}")
-    inv_freq = base ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)  # [D/2]
+    inv_freq = base ** (-jnp.arange(0, d, 2, dtype=positions.dtype) / d)  # [D/2]
     angles = positions[..., None] * inv_freq  # [B, T, D/2]
     cos = jnp.cos(angles)[:, :, None, :]
     sin = jnp.sin(angles)[:, :, None, :]
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    x1, x2 = jnp.split(x.astype(positions.dtype), 2, axis=-1)
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return rotated.astype(x.dtype)
 
@@ -316,7 +321,7 @@ def relative_logits(
     b, t = q.shape[:2]
     offset = kv_len - t if q_offset is None else q_offset
     offset = jnp.reshape(jnp.asarray(offset, jnp.int32), (-1, 1, 1))  # [B or 1, 1, 1]
-    z = jnp.einsum("bthd,rd->bhtr", q, rel_emb.astype(q.dtype), preferred_element_type=jnp.float32)
+    z = jnp.einsum("bthd,rd->bhtr", q, rel_emb.astype(q.dtype), preferred_element_type=_acc(q.dtype))
     distance = jnp.arange(t)[None, :, None] + offset - jnp.arange(kv_len)[None, None, :]
     distance = jnp.clip(distance, 0, rel_emb.shape[0] - 1)  # [B or 1, T, S]
     index = jnp.broadcast_to(distance[:, None], (b, z.shape[1], t, kv_len))

@@ -1,0 +1,177 @@
+"""Transformer properties for every encoding: causality, padding, jit + grad, dtypes, config."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from cope.encodings import ENCODINGS, sinusoidal_table
+from cope.model import GPT2_SMALL, ModelConfig, Transformer
+
+V = 13
+
+
+def tiny(encoding, **overrides):
+    cfg = dict(vocab_size=V, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2,
+               encoding=encoding, max_len=24, npos=9, dropout=0.1) | overrides
+    return ModelConfig(**cfg)
+
+
+def make_model(cfg, seed=None):
+    seed = np.random.SeedSequence().entropy % 2**31 if seed is None else seed
+    model = Transformer(cfg, rngs=nnx.Rngs(seed))
+    if cfg.spec.cope:  # the zero-initialised CoPE tables would make the model position-free
+        for path, param in nnx.iter_graph(model):
+            if path and path[-1] == "table" and isinstance(param, nnx.Param):
+                param[...] = jax.random.normal(jax.random.key(seed), param.shape, param.dtype)
+    model.eval()
+    return model
+
+
+def tokens(b, t):
+    return jax.random.randint(jax.random.key(np.random.randint(2**31)), (b, t), 0, V)
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+def test_future_tokens_do_not_change_past_logits(encoding):
+    model = make_model(tiny(encoding))
+    x = tokens(2, 11)
+    cut = 6
+    y = x.at[:, cut:].set((x[:, cut:] + 1) % V)
+    a, b = model(x), model(y)
+    np.testing.assert_allclose(a[:, :cut], b[:, :cut], atol=1e-5, rtol=1e-5)
+    assert np.abs(np.asarray(a[:, cut:] - b[:, cut:])).max() > 1e-4
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+def test_right_padding_is_ignored(encoding):
+    model = make_model(tiny(encoding))
+    x = tokens(2, 10)
+    lengths = jnp.array([10, 6], jnp.int32)
+    y = x.at[1, 6:].set((x[1, 6:] + 3) % V)
+    a, b = model(x, lengths=lengths), model(y, lengths=lengths)
+    np.testing.assert_allclose(a[1, :6], b[1, :6], atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(a[0], b[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+def test_jit_grad_runs_and_is_finite(encoding):
+    model = make_model(tiny(encoding, post_norm=encoding in ("cope", "none"), mlp="swiglu"))
+    model.train()
+    x = tokens(2, 9)
+
+    @nnx.jit
+    def loss_and_grad(model, x):
+        def loss(model):
+            logits = model(x[:, :-1])
+            return -jnp.mean(jax.nn.log_softmax(logits)[
+                jnp.arange(2)[:, None], jnp.arange(8)[None], x[:, 1:]])
+        return nnx.value_and_grad(loss)(model)
+
+    value, grads = loss_and_grad(model, x)
+    assert np.isfinite(float(value))
+    leaves = jax.tree.leaves(grads)
+    assert leaves and all(np.isfinite(np.asarray(g)).all() for g in leaves)
+
+
+def test_jit_equals_eager():
+    model = make_model(tiny("cope+relative"))
+    x = tokens(2, 7)
+    np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(model, x), model(x), atol=1e-5,
+                               rtol=1e-5)
+
+
+def test_dropout_active_only_in_train_mode():
+    model = make_model(tiny("rope", dropout=0.5))
+    x = tokens(2, 7)
+    np.testing.assert_array_equal(model(x), model(x))
+    model.train()
+    assert np.abs(np.asarray(model(x) - model(x))).max() > 0
+
+
+@pytest.mark.parametrize("encoding", ["cope", "rope", "absolute"])
+def test_bf16_params_and_compute(encoding):
+    model = make_model(tiny(encoding, dtype="bfloat16", param_dtype="bfloat16"))
+    logits = model(tokens(2, 8))
+    assert logits.dtype == jnp.float32 and logits.shape == (2, 8, V)
+    assert np.isfinite(np.asarray(logits)).all()
+    params = jax.tree.leaves(nnx.state(model, nnx.Param))
+    assert all(p.dtype == jnp.bfloat16 for p in params)
+
+
+def test_options_shared_cope_sep_key_prenorm_rmsnorm_untied_remat():
+    cfg = tiny("cope+rope", cope_shared=True, cope_sep_key=True, post_norm=False,
+               norm="rmsnorm", tie_embeddings=False, remat=True, cope_nodiv=True)
+    model = make_model(cfg)
+    x = tokens(2, 9)
+    grads = nnx.jit(lambda m, x: nnx.grad(lambda m: m(x).mean())(m))(model, x)
+    assert np.isfinite(np.asarray(grads.lm_head.kernel[...])).all()
+    assert model.shared_cope is not None and model.blocks[0].attn.cope is None
+    assert model.blocks[0].attn.gate_key is not None
+
+
+def test_cope_table_starts_at_zero():
+    model = Transformer(tiny("cope"), rngs=nnx.Rngs(0))
+    assert float(jnp.abs(model.blocks[0].attn.cope.table[...]).max()) == 0.0
+
+
+def test_gpt2_small_parameter_counts_match_the_paper():
+    def count(encoding):
+        cfg = ModelConfig(vocab_size=50257, encoding=encoding, **GPT2_SMALL)
+        model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+        return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+    assert count("absolute") == 124_439_808  # GPT-2 small exactly; the paper's 124.4M
+    assert round(count("cope") / 1e6, 1) == 123.7  # the paper's Table 4
+    assert round(count("relative") / 1e6, 1) == 123.7
+
+
+def test_sinusoidal_table():
+    table = sinusoidal_table(8, 6)
+    np.testing.assert_allclose(table[0], [0, 1, 0, 1, 0, 1], atol=1e-7)
+    np.testing.assert_allclose(table[3, 0], np.sin(3.0), rtol=1e-6)
+
+
+def test_absolute_encoding_refuses_sequences_beyond_its_table():
+    model = make_model(tiny("absolute", max_len=8))
+    with pytest.raises(ValueError, match="exceeds the absolute position table"):
+        model(tokens(1, 9))
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("encoding", "alibi", "encoding must be one of"),
+        ("d_model", 30, "d_model: must be divisible by num_heads"),
+        ("num_kv_heads", 3, "num_kv_heads: must divide num_heads"),
+        ("mlp", "tanh", "mlp: must be one of"),
+        ("norm", "batchnorm", "norm: must be one of"),
+        ("dropout", 1.5, r"dropout: must be in \[0, 1\)"),
+        ("num_layers", 0, "num_layers: must be a positive int"),
+        ("vocab_size", 2.5, "vocab_size: must be a positive int"),
+        ("dtype", "int8", "dtype: must be one of"),
+        ("attention_impl", "cuda", "attention_impl: must be one of"),
+        ("npos", -1, "npos: must be a positive int or None"),
+    ],
+)
+def test_bad_config_fields_raise_naming_the_field(field, value, message):
+    fields = dict(vocab_size=V, encoding="cope") | {field: value}
+    with pytest.raises(ValueError, match=f"ModelConfig.{message}"):
+        ModelConfig(**fields)
+
+
+def test_pallas_impl_refuses_encodings_with_logit_terms():
+    with pytest.raises(ValueError, match="attention_impl"):
+        tiny("relative", attention_impl="pallas")
+
+
+def test_from_dict_rejects_unknown_fields():
+    with pytest.raises(ValueError, match="unknown field"):
+        ModelConfig.from_dict(dict(vocab_size=5, hidden=3))
+    assert ModelConfig.from_dict(dict(vocab_size=5, encoding="rope")).encoding == "rope"
+
+
+def test_bad_token_shape_raises():
+    with pytest.raises(ValueError, match="tokens must be"):
+        make_model(tiny("none"))(jnp.zeros((3,), jnp.int32))
