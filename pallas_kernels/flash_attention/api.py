@@ -192,12 +192,20 @@ def flash_attention(
         mosaic = None
     q_pad = _round_up(q_len, max(config.block_q, config.block_q_dq, config.block_q_dkv))
     kv_pad = _round_up(kv_len, max(config.block_k, config.block_k_dq, config.block_k_dkv))
+    if mosaic is not None and (q_pad, kv_pad, d_pad) != (q_len, kv_len, head_dim):
+        # The Mosaic forward takes unpadded inputs; its residuals must match the Triton
+        # backward's padded layout, so fall back when padding would be needed.
+        if backend == "mosaic":
+            raise ValueError(f"backend='mosaic' needs q_len, kv_len multiples of the backward "
+                             f"blocks; got q {q.shape}, k {k.shape}")
+        mosaic = None
     if lengths is None:
         lengths = jnp.full((batch,), kv_len, jnp.int32)
     lengths = jnp.clip(lengths.astype(jnp.int32), 0, kv_len)
+    scale = float(head_dim**-0.5 if scale is None else scale)
     prob = _Problem(q_len=q_len, kv_len=kv_len, head_dim=head_dim, q_pad=q_pad, kv_pad=kv_pad,
-                    d_pad=d_pad, causal=bool(causal), scale=float(head_dim**-0.5 if scale is None else scale),
-                    config=config, mosaic=mosaic, interpret=interpret, debug=debug)
+                    d_pad=d_pad, causal=bool(causal), scale=scale, config=config, mosaic=mosaic,
+                    interpret=interpret, debug=debug)
     return _flash(q, k, v, lengths, prob)
 
 
@@ -217,8 +225,9 @@ def flash_attention_with_lse(q, k, v, *, causal=True, lengths=None, scale=None, 
     if lengths is None:
         lengths = jnp.full((batch,), kv_len, jnp.int32)
     lengths = jnp.clip(lengths.astype(jnp.int32), 0, kv_len)
+    scale = float(head_dim**-0.5 if scale is None else scale)
     prob = _Problem(q_len=q_len, kv_len=kv_len, head_dim=head_dim, q_pad=q_pad, kv_pad=kv_pad,
-                    d_pad=d_pad, causal=bool(causal), scale=float(head_dim**-0.5 if scale is None else scale),
-                    config=config, mosaic=None, interpret=interpret, debug=False)
+                    d_pad=d_pad, causal=bool(causal), scale=scale, config=config, mosaic=None,
+                    interpret=interpret, debug=False)
     out, lse = _forward(q, k, v, lengths, prob)
     return out[:, :q_len, :, :head_dim], lse[:, :, :q_len]
