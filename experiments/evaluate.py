@@ -1,0 +1,71 @@
+"""Re-evaluates the latest checkpoint of a run on every split: `python -m experiments.evaluate`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import ml_collections
+
+from experiments.checkpointing import Checkpoints, abstract_like
+from experiments.train import (
+    build_model_config,
+    build_task,
+    evaluate,
+    format_results,
+    init_train_state,
+    make_eval_step,
+)
+
+
+def load_run_config(workdir: Path) -> ml_collections.ConfigDict:
+    path = workdir / "config.json"
+    if not path.exists():
+        raise ValueError(f"{workdir} is not a run directory (no config.json)")
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def evaluate_run(workdir: str | Path, *, num_examples: int | None = None,
+                 splits: tuple[str, ...] | None = None) -> dict:
+    """Restores the newest readable checkpoint of `workdir` and evaluates it."""
+    workdir = Path(workdir)
+    config = load_run_config(workdir)
+    task = build_task(config)
+    model_cfg = build_model_config(config, task)
+    ts = init_train_state(config, model_cfg)
+    checkpoints = Checkpoints(workdir / "checkpoints", keep=config.train.keep_checkpoints)
+    restored = checkpoints.restore_latest(abstract_like(ts.state, ts.shardings))
+    checkpoints.close()
+    if restored is None:
+        raise ValueError(f"no readable checkpoint in {workdir / 'checkpoints'}")
+    step, ts.state, _ = restored
+    final = evaluate(task, ts, make_eval_step(ts), config,
+                     num_examples or config.eval.final_num_examples, splits)
+    return {"task": config.task.name, "encoding": model_cfg.encoding, "step": step,
+            "in_distribution_split": task.splits[1] if len(task.splits) > 1 else task.splits[0],
+            "final": final}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--num_examples", type=int, default=None,
+                        help="examples per split (default: the config's final_num_examples)")
+    parser.add_argument("--splits", default=None, help="comma-separated splits (default: all)")
+    args = parser.parse_args(argv)
+    try:
+        splits = tuple(args.splits.split(",")) if args.splits else None
+        results = evaluate_run(args.workdir, num_examples=args.num_examples, splits=splits)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    (Path(args.workdir) / "eval.json").write_text(json.dumps(results, indent=2))
+    print(f"checkpoint step {results['step']}")
+    print(format_results(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

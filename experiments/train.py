@@ -1,0 +1,404 @@
+"""Training and evaluation for every task: `python -m experiments.train --config ... --workdir ...`.
+
+One jitted train step (data parallel over all devices, FSDP optional), periodic evaluation on
+every split, metrics to `metrics.jsonl` and TensorBoard, orbax checkpoints with exact resume,
+and a final `results.json`. Rerunning the same command resumes from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from tqdm.auto import tqdm
+
+from cope.model import ModelConfig, Transformer
+from experiments import sharding
+from experiments.checkpointing import Checkpoints, abstract_like
+from experiments.configlib import apply_override, load_config, split_overrides
+from experiments.tasks import Task, finalize, make_task
+
+OPTIONAL_MODEL_INTS = ("num_kv_heads", "mlp_dim", "npos", "rel_max_distance")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or inf; the last good checkpoint is kept."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------------
+
+
+def build_task(config: ml_collections.ConfigDict) -> Task:
+    return make_task(config.task.name, **config.task.options.to_dict())
+
+
+def build_model_config(config: ml_collections.ConfigDict, task: Task) -> ModelConfig:
+    """Model fields from the config; vocabulary and table sizes from the task."""
+    fields = config.model.to_dict()
+    for name in OPTIONAL_MODEL_INTS:
+        if fields.get(name) == 0:
+            fields[name] = None
+    return ModelConfig.from_dict(fields | dict(vocab_size=task.vocab_size,
+                                               max_len=task.max_seq_len))
+
+
+def learning_rate_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
+    """Linear warm-up then constant or cosine decay to 10% of the peak."""
+    if train.schedule not in ("constant", "cosine"):
+        raise ValueError(f"config field train.schedule must be 'constant' or 'cosine', "
+                         f"got {train.schedule!r}")
+    warmup = max(int(train.warmup_steps), 0)
+    if train.schedule == "constant":
+        main = optax.constant_schedule(train.learning_rate)
+    else:
+        main = optax.cosine_decay_schedule(train.learning_rate,
+                                           max(train.steps - warmup, 1), alpha=0.1)
+    if warmup == 0:
+        return main
+    ramp = optax.linear_schedule(0.0, train.learning_rate, warmup)
+    return optax.join_schedules([ramp, main], [warmup])
+
+
+def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """Adam or AdamW with the configured schedule and optional global-norm clipping."""
+    schedule = learning_rate_schedule(train)
+    if train.optimizer == "adam":
+        tx = optax.adam(schedule, b1=train.b1, b2=train.b2, eps=train.eps)
+    elif train.optimizer == "adamw":
+        tx = optax.adamw(schedule, b1=train.b1, b2=train.b2, eps=train.eps,
+                         weight_decay=train.weight_decay)
+    else:
+        raise ValueError(f"config field train.optimizer must be 'adam' or 'adamw', "
+                         f"got {train.optimizer!r}")
+    if train.grad_clip > 0:
+        tx = optax.chain(optax.clip_by_global_norm(train.grad_clip), tx)
+    return tx
+
+
+def masked_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array):
+    """(summed NLL over scored positions, number of scored positions); logits [B, T, V]."""
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
+    nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    mask = mask.astype(jnp.float32)
+    return jnp.sum(nll * mask), jnp.sum(mask)
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Everything a step needs: the NNX graph, the (sharded) state and its shardings."""
+
+    graphdef: Any
+    rng_state: Any
+    state: Any  # nnx.State of (model, optimizer) without RNG streams
+    shardings: Any
+    mesh: Any
+
+    def model(self) -> Transformer:
+        model, _ = nnx.merge(self.graphdef, self.rng_state, self.state)
+        return model
+
+
+def init_train_state(config: ml_collections.ConfigDict, model_cfg: ModelConfig,
+                     devices: list | None = None) -> TrainState:
+    seed = config.train.seed
+    model = Transformer(model_cfg, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+    optimizer = nnx.Optimizer(model, make_optimizer(config.train), wrt=nnx.Param)
+    graphdef, rng_state, state = nnx.split((model, optimizer), nnx.RngState, ...)
+    mesh = sharding.make_mesh(devices)
+    shardings = sharding.state_shardings(state, mesh, fsdp=config.train.fsdp)
+    state = jax.device_put(state, shardings)
+    return TrainState(graphdef, rng_state, state, shardings, mesh)
+
+
+def make_train_step(ts: TrainState, seed: int):
+    """The jitted step (state, batch, step) -> (state, loss); state is donated."""
+    dropout_key = jax.random.key(seed + 2)
+    batch_sharding = sharding.batch_sharding(ts.mesh)
+
+    def step_fn(state, rng_state, batch, step):
+        model, optimizer = nnx.merge(ts.graphdef, rng_state, state)
+        nnx.reseed(model, dropout=jax.random.fold_in(dropout_key, step))
+        model.train()
+
+        def loss_fn(model):
+            logits = model(batch["inputs"])
+            total, count = masked_cross_entropy(logits, batch["targets"], batch["loss_mask"])
+            return total / jnp.maximum(count, 1.0)
+
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        optimizer.update(model, grads)
+        _, _, new_state = nnx.split((model, optimizer), nnx.RngState, ...)
+        return new_state, loss
+
+    step = jax.jit(
+        step_fn,
+        in_shardings=(ts.shardings, None, batch_sharding, None),
+        out_shardings=(ts.shardings, None),
+        donate_argnums=0,
+    )
+    return lambda state, batch, i: step(state, ts.rng_state, batch, i)
+
+
+def make_eval_step(ts: TrainState):
+    """Jitted (state, batch) -> (greedy predictions [B, T], summed NLL, scored count)."""
+    batch_sharding = sharding.batch_sharding(ts.mesh)
+
+    def eval_fn(state, rng_state, batch):
+        model, _ = nnx.merge(ts.graphdef, rng_state, state)
+        model.eval()
+        logits = model(batch["inputs"])
+        total, count = masked_cross_entropy(logits, batch["targets"], batch["loss_mask"])
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32), total, count
+
+    step = jax.jit(eval_fn, in_shardings=(ts.shardings, None, batch_sharding))
+    return lambda state, batch: step(state, ts.rng_state, batch)
+
+
+def evaluate(task: Task, ts: TrainState, eval_step, config: ml_collections.ConfigDict,
+             num_examples: int, splits: tuple[str, ...] | None = None) -> dict[str, dict]:
+    """Error rates and loss on every split: {split: {token_error, sequence_error, loss, ...}}."""
+    batch_sharding = sharding.batch_sharding(ts.mesh)
+    results = {}
+    for split in splits or task.splits:
+        counts, nll, scored = [], 0.0, 0.0
+        for batch in task.eval_batches(split, config.eval.batch_size, seed=config.eval.seed,
+                                       num_examples=num_examples):
+            preds, total, count = eval_step(ts.state, sharding.global_batch(batch, batch_sharding))
+            counts.append(task.error_counts(np.asarray(preds), batch))
+            nll, scored = nll + float(total), scored + float(count)
+        results[split] = finalize(counts) | {"loss": nll / max(scored, 1.0)}
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Run directory: config, metrics, resume
+# ---------------------------------------------------------------------------------------------
+
+
+class MetricsLog:
+    """Appends JSON lines to metrics.jsonl and scalars to TensorBoard (tensorboardX)."""
+
+    def __init__(self, workdir: Path, resume_step: int):
+        self.path = workdir / "metrics.jsonl"
+        if self.path.exists():  # drop records past the checkpoint we resume from
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        self.file = self.path.open("a")
+        self.writer = None
+        if jax.process_index() == 0:
+            from tensorboardX import SummaryWriter
+
+            self.writer = SummaryWriter(str(workdir / "tensorboard"), purge_step=resume_step + 1)
+
+    def write(self, step: int, record: dict[str, Any]) -> None:
+        if jax.process_index() != 0:
+            return
+        self.file.write(json.dumps({"step": step, **record}) + "\n")
+        self.file.flush()
+        for key, value in _flatten(record).items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.file.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _flatten(record: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            out |= _flatten(value, f"{prefix}{key}/")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_run_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
+    """Writes config.json, or refuses to resume a run that was started with another config."""
+    path = workdir / "config.json"
+    current = json.loads(config.to_json_best_effort())
+    if path.exists():
+        saved = json.loads(path.read_text())
+        resumable = {"train": {"steps", "eval_every", "log_every", "checkpoint_every"},
+                     "eval": {"num_examples", "final_num_examples", "batch_size"}}
+        differ = [k for k in _flatten(saved).keys() | _flatten(current).keys()
+                  if _flatten(saved).get(k) != _flatten(current).get(k)
+                  and k.split("/")[-1] not in resumable.get(k.split("/")[0], set())]
+        if differ:
+            raise ValueError(f"{workdir} holds a run with a different config ({', '.join(sorted(differ)[:5])}"
+                             "); use a new --workdir or the same config to resume")
+    path.write_text(json.dumps(current, indent=2))
+
+
+def interval_steps(every: int, total: int) -> set[int]:
+    return set(range(every, total + 1, every)) | {total} if every > 0 else {total}
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *,
+                       devices: list | None = None, progress: bool = True) -> dict[str, Any]:
+    """Trains (or resumes) the run in `workdir` and returns the final results.
+
+    Everything about the run is in `workdir`: config.json, metrics.jsonl, tensorboard/,
+    checkpoints/ and results.json. A run whose checkpoint is at the last step only re-does the
+    final evaluation.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    check_run_config(workdir, config)
+    task = build_task(config)
+    model_cfg = build_model_config(config, task)
+    ts = init_train_state(config, model_cfg, devices)
+    train_cfg = config.train
+    checkpoints = Checkpoints(workdir / "checkpoints", keep=train_cfg.keep_checkpoints)
+
+    start_step = 0
+    restored = checkpoints.restore_latest(abstract_like(ts.state, ts.shardings))
+    if restored is not None:
+        start_step, ts.state, _ = restored
+        print(f"resuming {workdir} from step {start_step}", file=sys.stderr)
+    log = MetricsLog(workdir, start_step)
+    train_step = make_train_step(ts, train_cfg.seed)
+    eval_step = make_eval_step(ts)
+    batch_sharding = sharding.batch_sharding(ts.mesh)
+    eval_steps = interval_steps(train_cfg.eval_every, train_cfg.steps)
+    ckpt_steps = interval_steps(train_cfg.checkpoint_every, train_cfg.steps)
+    log_steps = interval_steps(train_cfg.log_every, train_cfg.steps)
+    in_dist = task.splits[1] if len(task.splits) > 1 else task.splits[0]
+    tokens_per_batch = train_cfg.batch_size * task.seq_len(task.train_split)
+    num_params = sum(x.size for x in jax.tree.leaves(nnx.state(ts.model(), nnx.Param)))
+    schedule = learning_rate_schedule(train_cfg)
+
+    pending: list[jax.Array] = []  # losses not yet fetched: no host sync between log steps
+    interval_start, interval_steps_done, rates = time.perf_counter(), 0, []
+    last_eval: dict[str, dict] = {}
+    bar = tqdm(total=train_cfg.steps, initial=start_step, disable=not progress,
+               desc=f"{config.task.name}/{model_cfg.encoding}", dynamic_ncols=True)
+    try:
+        for step in range(start_step, train_cfg.steps):
+            batch = task.train_batch(train_cfg.seed, step, train_cfg.batch_size)
+            ts.state, loss = train_step(ts.state, sharding.global_batch(batch, batch_sharding),
+                                        jnp.int32(step))
+            pending.append(loss)
+            interval_steps_done += 1
+            done = step + 1
+            if done in log_steps or done in ckpt_steps or done in eval_steps:
+                losses = np.asarray(jax.device_get(pending))
+                elapsed = time.perf_counter() - interval_start
+                pending = []
+                if not np.isfinite(losses).all():
+                    bad = done - len(losses) + int(np.argmin(np.isfinite(losses)))
+                    kept = checkpoints.steps()
+                    raise TrainingDiverged(
+                        f"loss became {losses[~np.isfinite(losses)][0]} at step {bad}; stopped. "
+                        f"Last good checkpoint: "
+                        f"{workdir / 'checkpoints' / str(kept[-1]) if kept else 'none'}")
+                tokens_per_s = tokens_per_batch * interval_steps_done / elapsed
+                if step > start_step + interval_steps_done:  # skip the compiling interval
+                    rates.append(tokens_per_s)
+                record = {"train": {"loss": float(losses.mean()), "lr": float(schedule(step)),
+                                    "tokens_per_s": tokens_per_s,
+                                    "ms_per_batch": 1e3 * elapsed / interval_steps_done}}
+                log.write(done, record)
+                bar.set_postfix(loss=f"{losses.mean():.4f}",
+                                err=f"{last_eval.get(in_dist, {}).get('token_error', float('nan')):.4f}")
+                if done in ckpt_steps:
+                    checkpoints.save(done, ts.state, {"step": done})
+                if done in eval_steps and done != train_cfg.steps:
+                    last_eval = evaluate(task, ts, eval_step, config, config.eval.num_examples)
+                    log.write(done, {"eval": last_eval})
+                    bar.set_postfix(loss=f"{losses.mean():.4f}",
+                                    err=f"{last_eval[in_dist]['token_error']:.4f}")
+                interval_start, interval_steps_done = time.perf_counter(), 0
+            bar.update(1)
+    finally:
+        bar.close()
+        checkpoints.close()
+
+    final = evaluate(task, ts, eval_step, config, config.eval.final_num_examples)
+    log.write(train_cfg.steps, {"final": final})
+    log.close()
+    results = {
+        "task": config.task.name,
+        "variant": config.variant,
+        "encoding": model_cfg.encoding,
+        "steps": train_cfg.steps,
+        "num_params": int(num_params),
+        "in_distribution_split": in_dist,
+        "final": final,
+        "tokens_per_s": float(np.median(rates)) if rates else None,
+        "ms_per_batch": 1e3 * tokens_per_batch / float(np.median(rates)) if rates else None,
+        "batch_tokens": tokens_per_batch,
+        "device": jax.devices()[0].device_kind,
+        "num_devices": ts.mesh.devices.size,
+        "jax": jax.__version__,
+    }
+    if jax.process_index() == 0:
+        (workdir / "results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def format_results(results: dict[str, Any]) -> str:
+    """A short table: error per split, token and sequence level, in percent."""
+    lines = [f"{results['task']} / {results['encoding']}: final errors (%)",
+             f"{'split':>12} {'token':>8} {'sequence':>9} {'loss':>8}"]
+    for split, m in results["final"].items():
+        marker = "  (in-distribution)" if split == results["in_distribution_split"] else ""
+        lines.append(f"{split:>12} {100 * m['token_error']:8.2f} {100 * m['sequence_error']:9.2f} "
+                     f"{m['loss']:8.4f}{marker}")
+    if results.get("tokens_per_s"):
+        lines.append(f"throughput: {results['tokens_per_s']:,.0f} tokens/s "
+                     f"({results['ms_per_batch']:.1f} ms/batch) on {results['num_devices']} x "
+                     f"{results['device']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        overrides, rest = split_overrides(argv)
+        parser = argparse.ArgumentParser(
+            description=__doc__, epilog="Override any config field with --config.<field>=<value>, "
+            "e.g. --config.train.steps=2000.")
+        parser.add_argument("--config", required=True,
+                            help="configs/<task>.py:<variant>[,<option>...]")
+        parser.add_argument("--workdir", required=True, help="run directory (resumed if it exists)")
+        parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+        args = parser.parse_args(rest)
+        config = load_config(args.config)
+        for override in overrides:
+            apply_override(config, override)
+        sharding.maybe_initialize_distributed()
+        results = train_and_evaluate(config, args.workdir, progress=not args.no_progress)
+    except (ValueError, TrainingDiverged) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(format_results(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
