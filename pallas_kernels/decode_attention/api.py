@@ -10,10 +10,11 @@ import numpy as np
 
 from pallas_kernels._interpret import resolve_interpret
 from pallas_kernels.decode_attention.combine import combine_online, unified_with_fallback
-from pallas_kernels.decode_attention.config import DecodeConfig, heuristic_config
+from pallas_kernels.decode_attention.config import DecodeConfig, heuristic_config, split_layout
 from pallas_kernels.decode_attention.pallas_triton import decode_partials
 
 SOFTMAX_MODES = ("online", "unified_max")
+FALLBACKS = ("kernel", "cond")
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
 # Default unified max φ (natural-log units of the scaled logits). Trained models keep their
 # logits within tens of 0 (FlashDecoding++ Fig. 5: Llama2-7B in [-16.8, 6.5]); with φ = 0 the
@@ -65,7 +66,8 @@ def _phi_per_head(phi, heads: int) -> jax.Array:
 def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array,
                      *, scale: float | None = None, softmax: str = "unified_max", phi=None,
                      num_splits: int | None = None, config: DecodeConfig | None = None,
-                     interpret: bool | None = None, debug: bool = False) -> jax.Array:
+                     fallback: str = "kernel", interpret: bool | None = None,
+                     debug: bool = False) -> jax.Array:
     """Attention of one new query token over a KV cache, split along the keys (Flash-Decoding).
 
     Args:
@@ -78,13 +80,21 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengt
       scale: logit scale (a Python float), default 1/sqrt(head_dim).
       softmax: "online" (Flash-Decoding: running max per split, log-sum-exp combine) or
         "unified_max" (FlashDecoding++: every split sums e^{s-φ} and e^{s-φ}·v with no running
-        max, combined as Σo/Σl; rows whose max logit leaves the exact window around φ, see
-        `combine.unified_window`, are recomputed with the online path). Both are exact.
+        max, combined as Σo/Σl; work whose max logit leaves the exact window around φ, see
+        `combine.unified_window`, is recomputed with the online path). Both are exact.
       phi: the unified max φ in the units of the scaled logits `scale·q·k`: a scalar (one per
         layer) or [heads] (one per query head); None means DEFAULT_PHI = 0. Ignored by "online".
       num_splits: KV splits per (batch, kv_head); None picks from max_len, batch and the SM
         count (`config.heuristic_config`). Overrides `config.num_splits` when both are given.
       config: full tuning config; None uses `heuristic_config`.
+      fallback: where unified max recomputes out-of-window work. "kernel" (default): each split
+        program checks its own max against the window and, if it left it, redoes its keys with
+        the online softmax inside the kernel (a branch on the flag), reporting its own max as
+        its exponent shift; the combine weighs splits by e^{shift_j - max shift}, which is
+        Σo/Σl when no split was recomputed. No host round trip. "cond": the issue's row-level
+        scheme: combine Σo/Σl, flag rows by their global max, and `lax.cond` on any flag to
+        rerun the online kernel and replace the flagged rows; XLA's GPU conditional reads the
+        predicate on the host, which cost ~15-18 µs per call on an H100.
       interpret: run the Pallas kernel in interpret mode; None interprets when there is no GPU.
 
     Returns:
@@ -93,6 +103,8 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengt
     _validate(q, k_cache, v_cache, lengths)
     if softmax not in SOFTMAX_MODES:
         raise ValueError(f"softmax must be one of {SOFTMAX_MODES}, got {softmax!r}")
+    if fallback not in FALLBACKS:
+        raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
     if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
     batch, heads, head_dim = q.shape
@@ -109,16 +121,18 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengt
     scale = float(head_dim**-0.5 if scale is None else scale)
     return _decode_attention(q, k_cache, v_cache, lengths.astype(jnp.int32),
                              _phi_per_head(phi, heads), scale=scale, softmax=softmax,
-                             config=config, interpret=resolve_interpret(interpret), debug=debug)
+                             config=config, fallback=fallback,
+                             interpret=resolve_interpret(interpret), debug=debug)
 
 
 def _asdict(config: DecodeConfig) -> dict:
     return {f: getattr(config, f) for f in config.__dataclass_fields__}
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "softmax", "config", "interpret", "debug"))
-def _decode_attention(q, k_cache, v_cache, lengths, phi, *, scale, softmax, config, interpret,
-                      debug):
+@functools.partial(jax.jit, static_argnames=("scale", "softmax", "config", "fallback",
+                                             "interpret", "debug"))
+def _decode_attention(q, k_cache, v_cache, lengths, phi, *, scale, softmax, config, fallback,
+                      interpret, debug):
     batch, heads, head_dim = q.shape
     max_len, kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = heads // kv_heads
@@ -127,12 +141,16 @@ def _decode_attention(q, k_cache, v_cache, lengths, phi, *, scale, softmax, conf
     lengths = jnp.clip(lengths, 0, max_len)
     run = functools.partial(decode_partials, qg, k_cache, v_cache, lengths, phig, scale=scale,
                             config=config, interpret=interpret, debug=debug)
+    _, splits = split_layout(max_len, config.num_splits, config.block_k)
 
-    def online():
-        return combine_online(run(softmax="online"))
+    if softmax == "unified_max" and fallback == "cond":
+        def online():
+            return combine_online(run(softmax="online", final=False))
 
-    if softmax == "online":
-        out = online()
+        parts = run(softmax="unified_max", recompute=False, final=False)
+        out = unified_with_fallback(parts, phig, max_len, online)
+    elif splits == 1:  # the kernel normalised (and, for unified max, recomputed) already
+        out = run(softmax=softmax).o[:, :, 0]
     else:
-        out = unified_with_fallback(run(softmax="unified_max"), phig, max_len, online)
+        out = combine_online(run(softmax=softmax))
     return out.reshape(batch, heads, head_dim).astype(q.dtype)

@@ -21,15 +21,17 @@ class DecodePartials(NamedTuple):
     """Per-split partial results of split-KV decode attention (all float32).
 
     `o`: [batch, kv_heads, splits, group, head_dim], `l`, `m`: [batch, kv_heads, splits, group].
-    Online softmax: `o = Σ e^{s-m}·v`, `l = Σ e^{s-m}` with `m` the split's max logit.
-    Unified max: `o = Σ e^{s-φ}·v`, `l = Σ e^{s-φ}`; `m` is still the split's max logit (only
-    used for the range check). Logits `s = scale·q·k` are in natural-log units; a split with no
-    valid key has `o = 0`, `l = 0`, `m = -inf`.
+    `o = Σ e^{s-shift}·v` and `l = Σ e^{s-shift}` over the split's valid keys, `m` the split's
+    max logit. Online softmax: shift = m. Unified max: shift = φ, except for splits the kernel
+    recomputed with the online softmax because m left the window around φ (shift = m there).
+    Logits `s = scale·q·k` are in natural-log units; a split with no valid key has o = 0,
+    l = 0, m = shift = -inf.
     """
 
     o: jax.Array
     l: jax.Array
     m: jax.Array
+    shift: jax.Array
 
 
 def _safe_divide(o: jax.Array, l: jax.Array) -> jax.Array:
@@ -39,21 +41,22 @@ def _safe_divide(o: jax.Array, l: jax.Array) -> jax.Array:
 
 
 def combine_online(partials: DecodePartials) -> jax.Array:
-    """Flash-Decoding combine: rescale each split by e^{m_j - max_j m_j}, then Σo / Σl.
+    """Flash-Decoding combine: rescale split j by e^{shift_j - max_j shift_j}, then Σo / Σl.
 
-    Returns float32 [batch, kv_heads, group, head_dim]; rows with no valid key are zeros.
+    Exact for any mix of shifts (online splits, unified splits, recomputed splits). Returns
+    float32 [batch, kv_heads, group, head_dim]; rows with no valid key are zeros.
     """
-    o, l, m = partials
-    m_max = jnp.max(m, axis=2, keepdims=True)  # [B, K, 1, G]
-    m_max = jnp.where(jnp.isfinite(m_max), m_max, 0.0)
-    weight = jnp.exp(m - m_max)  # [B, K, splits, G]; empty splits (m = -inf) weigh 0
+    o, l, shift = partials.o, partials.l, partials.shift
+    top = jnp.max(shift, axis=2, keepdims=True)  # [B, K, 1, G]
+    top = jnp.where(jnp.isfinite(top), top, 0.0)
+    weight = jnp.exp(shift - top)  # [B, K, splits, G]; empty online splits (-inf) weigh 0
     l_sum = jnp.sum(weight * l, axis=2)
     o_sum = jnp.sum(weight[..., None] * o, axis=2)
     return _safe_divide(o_sum, l_sum)
 
 
 def combine_unified(partials: DecodePartials) -> jax.Array:
-    """FlashDecoding++ combine: every split used the same φ, so out = Σ_j o_j / Σ_j l_j."""
+    """FlashDecoding++ combine when every split used the same φ: out = Σ_j o_j / Σ_j l_j."""
     return _safe_divide(jnp.sum(partials.o, axis=2), jnp.sum(partials.l, axis=2))
 
 

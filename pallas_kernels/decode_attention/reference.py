@@ -52,7 +52,8 @@ def decode_partials_reference(q: jax.Array, k_cache: jax.Array, v_cache: jax.Arr
     """The per-split partials the kernel returns (see `DecodePartials`), in float32.
 
     Split j covers keys [j·split_len, (j+1)·split_len). `phi`: [kv_heads, group] float32, the
-    unified max (natural-log units) used when softmax == "unified_max".
+    unified max (natural-log units) used when softmax == "unified_max"; no split is recomputed
+    here, so shift = φ for every unified split.
     """
     batch, max_len = k_cache.shape[:2]
     splits = -(-max_len // split_len)
@@ -74,4 +75,5 @@ def decode_partials_reference(q: jax.Array, k_cache: jax.Array, v_cache: jax.Arr
         raise ValueError(f"softmax must be 'online' or 'unified_max', got {softmax!r}")
     p = jnp.exp(s - shift[..., None])
     o = jnp.einsum("bkngl,bknld->bkngd", p, v, precision=jax.lax.Precision.HIGHEST)
-    return DecodePartials(o=o, l=jnp.sum(p, axis=-1), m=m)
+    shift = m if softmax == "online" else jnp.where(m > -jnp.inf, shift, -jnp.inf)
+    return DecodePartials(o=o, l=jnp.sum(p, axis=-1), m=m, shift=shift)

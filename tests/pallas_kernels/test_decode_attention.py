@@ -99,12 +99,13 @@ def test_matches_float64_reference_bf16_gqa(softmax):
     _assert_close(out, reference_f64(q, k, v, lengths), jnp.bfloat16)
 
 
+@pytest.mark.parametrize("splits", [1, 2])
 @pytest.mark.parametrize("softmax", MODES)
-def test_vector_path_mha(softmax):
+def test_vector_path_mha(softmax, splits):
     shape = DecodeShape(2, 77, 3, 3, 32)
     q, k, v, lengths = _inputs(shape, jnp.float32, _rng())
     out = decode_attention(q, k, v, lengths, softmax=softmax, interpret=True,
-                           config=_small_config(shape, 2, use_dot=False))
+                           config=_small_config(shape, splits, use_dot=False))
     _assert_close(out, reference_f64(q, k, v, lengths), jnp.float32)
 
 
@@ -136,12 +137,33 @@ def test_kernel_partials_match_reference(softmax):
     assert np.isneginf(np.asarray(got.m)[1, :, 1:]).all()  # splits past length 20 are empty
 
 
-@pytest.mark.parametrize("softmax", MODES)
-def test_adversarial_logits_take_the_fallback(softmax):
+def test_kernel_recomputes_out_of_window_splits():
+    shape = DecodeShape(2, 100, 4, 2, 32)
+    q, k, v, lengths = _inputs(shape, jnp.float32, _rng(), lengths=[100, 20])
+    phi = jnp.asarray([[0.0, 1e4], [0.0, 0.0]], jnp.float32)  # one head far above its logits
+    config = DecodeConfig(block_k=16, num_splits=3)
+    got = decode_partials(q.reshape(2, 2, 2, 32), k, v, lengths, phi, scale=0.2,
+                          softmax="unified_max", config=config, interpret=True)
+    m, shift = np.asarray(got.m), np.asarray(got.shift)
+    has_keys = np.isfinite(m)
+    # the flagged head reports its own max as shift, the others keep φ
+    np.testing.assert_array_equal(shift[:, 0, :, 1][has_keys[:, 0, :, 1]],
+                                  m[:, 0, :, 1][has_keys[:, 0, :, 1]])
+    assert (shift[:, 0, :, 0][has_keys[:, 0, :, 0]] == 0).all()
+    assert (shift[:, 1][has_keys[:, 1]] == 0).all()
+    assert np.isneginf(shift[~has_keys]).all()  # empty splits weigh nothing
+    out = combine_online(got).reshape(2, 4, 32)
+    _assert_close(out, reference_f64(q, k, v, lengths, scale=0.2), jnp.float32)
+
+
+@pytest.mark.parametrize("softmax,fallback,splits", [
+    ("online", "kernel", 3), ("unified_max", "kernel", 3), ("unified_max", "kernel", 1),
+    ("unified_max", "cond", 3)])
+def test_adversarial_logits_take_the_fallback(softmax, fallback, splits):
     shape = DecodeShape(3, 50, 4, 2, 32)
     q, k, v, lengths = _inputs(shape, jnp.float32, _rng(), q_scale=1000.0)
-    out = decode_attention(q, k, v, lengths, softmax=softmax, config=_small_config(shape),
-                           interpret=True)
+    out = decode_attention(q, k, v, lengths, softmax=softmax, fallback=fallback,
+                           config=_small_config(shape, splits), interpret=True)
     # fp32 rounding of logits of size |s| moves the weights by ~eps·|s|: the reference itself
     # is only that close to the exact value.
     s_max = float(np.abs(reference_logits(q, k)).max())
@@ -161,12 +183,14 @@ def reference_logits(q, k):
     return np.einsum("bhd,bshd->bhs", q64, np.repeat(k64, group, axis=2)) / math.sqrt(q.shape[-1])
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("fallback", ["kernel", "cond"])
 @pytest.mark.parametrize("phi", [1e4, -1e4, 75.0])
-def test_phi_out_of_window_is_exact(phi):
+def test_phi_out_of_window_is_exact(phi, fallback, splits):
     shape = DecodeShape(2, 60, 4, 4, 16)
     q, k, v, lengths = _inputs(shape, jnp.float32, _rng())
-    out = decode_attention(q, k, v, lengths, phi=phi, config=_small_config(shape),
-                           interpret=True)
+    out = decode_attention(q, k, v, lengths, phi=phi, config=_small_config(shape, splits),
+                           fallback=fallback, interpret=True)
     _assert_close(out, reference_f64(q, k, v, lengths), jnp.float32)
 
 
@@ -179,12 +203,13 @@ def test_per_head_phi():
     _assert_close(out, reference_f64(q, k, v, lengths), jnp.float32)
 
 
+@pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("softmax", MODES)
-def test_zero_length_rows_are_zeros(softmax):
+def test_zero_length_rows_are_zeros(softmax, splits):
     shape = DecodeShape(3, 40, 4, 2, 16)
     q, k, v, lengths = _inputs(shape, jnp.float32, _rng(), lengths=[0, 40, 0])
     out = np.asarray(decode_attention(q, k, v, lengths, softmax=softmax,
-                                      config=_small_config(shape), interpret=True))
+                                      config=_small_config(shape, splits), interpret=True))
     assert (out[0] == 0).all() and (out[2] == 0).all()
     _assert_close(out, reference_f64(q, k, v, lengths), jnp.float32)
 
@@ -227,7 +252,7 @@ def _random_partials(rng, splits=5, empty_split=True):
 
 def test_combine_online_matches_numpy():
     m, l, o = _random_partials(_rng())
-    got = combine_online(DecodePartials(*(jnp.asarray(x, jnp.float32) for x in (o, l, m))))
+    got = combine_online(DecodePartials(*(jnp.asarray(x, jnp.float32) for x in (o, l, m, m))))
     mmax = m.max(axis=2, keepdims=True)
     w = np.exp(m - mmax)
     want = (w[..., None] * o).sum(2) / (w * l).sum(2)[..., None]
@@ -240,6 +265,7 @@ def test_combine_unified_matches_numpy_and_zero_rows():
     o[1, 2] = 0.0
     got = np.asarray(combine_unified(DecodePartials(jnp.asarray(o, jnp.float32),
                                                     jnp.asarray(l, jnp.float32),
+                                                    jnp.zeros(l.shape, jnp.float32),
                                                     jnp.zeros(l.shape, jnp.float32))))
     want = o.sum(2) / np.where(l.sum(2) > 0, l.sum(2), 1.0)[..., None]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
@@ -278,7 +304,7 @@ def test_fallback_flags_and_row_replacement():
     m[1, 0, :, 1] = lo - 1.0  # underflow of the whole row
     m[1, 2, :, 0] = -np.inf  # no keys: never flagged
     o[1, 1, 3, 1, 2] = np.inf  # non-finite output
-    parts = DecodePartials(*(jnp.asarray(x, jnp.float32) for x in (o, l, m)))
+    parts = DecodePartials(*(jnp.asarray(x, jnp.float32) for x in (o, l, m, 0 * l)))
     phi = jnp.zeros((3, 2), jnp.float32)
     flags = np.asarray(unified_fallback_flags(parts, phi, 100, combine_unified(parts)))
     expected = np.zeros((2, 3, 2), bool)
@@ -291,7 +317,7 @@ def test_fallback_flags_and_row_replacement():
     # nothing flagged: the fallback is not taken
     m2 = np.clip(m, -5, 5)
     parts2 = DecodePartials(jnp.asarray(np.nan_to_num(o, posinf=0.0), jnp.float32),
-                            parts.l, jnp.asarray(m2, jnp.float32))
+                            parts.l, jnp.asarray(m2, jnp.float32), parts.shift)
     out2 = unified_with_fallback(parts2, phi, 100, lambda: marker)
     np.testing.assert_allclose(np.asarray(out2), np.asarray(combine_unified(parts2)))
 
@@ -351,6 +377,8 @@ def test_bad_options_raise():
     with pytest.raises(ValueError, match="head_dim"):
         decode_attention(jnp.zeros((2, 4, 24)), jnp.zeros((2, 8, 2, 24)),
                          jnp.zeros((2, 8, 2, 24)), args[3], interpret=True)
+    with pytest.raises(ValueError, match="fallback"):
+        decode_attention(*args, fallback="host", interpret=True)
     with pytest.raises(ValueError, match="use_dot"):
         decode_attention(*args, config=DecodeConfig(use_dot=False), interpret=True)
 
