@@ -112,7 +112,7 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengt
     group = heads // kv_heads
     if config is None:
         config = heuristic_config(batch, max_len, kv_heads, group, head_dim,
-                                  num_splits=num_splits)
+                                  itemsize=jnp.dtype(q.dtype).itemsize, num_splits=num_splits)
     elif num_splits is not None:
         config = DecodeConfig(**{**_asdict(config), "num_splits": num_splits})
     if not config.use_dot and group != 1:

@@ -43,36 +43,31 @@ def sm_count() -> int:
     return int(getattr(device, "core_count", H100_SM_COUNT) or H100_SM_COUNT)
 
 
-def choose_num_splits(batch: int, kv_heads: int, max_len: int, block_k: int, sms: int,
-                      programs_per_sm: int = 2, max_splits: int = 64) -> int:
-    """Fewest splits that fill the GPU with whole waves of programs.
-
-    Each (batch, kv_head) pair is one program per split. We want at least one wave of
-    `sms * programs_per_sm` programs and, beyond that, the last wave as full as possible
-    (efficiency = waves / ceil(waves)), without splits shorter than two key blocks.
-    """
-    pairs = batch * kv_heads
-    slots = sms * programs_per_sm
-    longest = max(1, min(max_splits, -(-max_len // (2 * block_k))))
-    best, best_eff = 1, -1.0
-    for splits in range(1, longest + 1):
-        waves = pairs * splits / slots
-        eff = waves / -(-waves // 1) if waves >= 1 else waves
-        if eff > best_eff + 0.02:  # prefer fewer splits (a cheaper combine) unless clearly better
-            best, best_eff = splits, eff
-    return best
-
-
 def heuristic_config(batch: int, max_len: int, kv_heads: int, group: int, head_dim: int,
-                     *, num_splits: int | None = None, sms: int | None = None) -> DecodeConfig:
-    """Default config for one decode step: block_k from the cache length, splits from the GPU."""
+                     *, itemsize: int = 2, num_splits: int | None = None) -> DecodeConfig:
+    """Default config for one decode step.
+
+    block_k = 128 keys (64 for D > 128), shrunk until the pipelined K and V tiles
+    (num_stages · 2 · block_k · head_dim · itemsize) fit in 200 KB of shared memory. Splits: with
+    at least 256 (batch, kv_head) pairs the grid is full without splitting, and one split lets
+    the kernel normalise in place with no combine step (what measured best on the H100 for the
+    MHA shapes); otherwise 16 splits (at least two key blocks each), which measured best among
+    16/32/64 on the H100 both for 64 pairs (B8, 8 kv heads) and for 8 pairs (B1).
+    """
     block_k = 128 if head_dim <= 128 else 64
     block_k = max(16, min(block_k, 1 << max(4, (max_len - 1).bit_length())))
+    num_stages = 3
+    while num_stages * 2 * block_k * head_dim * itemsize > 200 * 1024 and block_k > 32:
+        block_k //= 2
+    while num_stages * 2 * block_k * head_dim * itemsize > 200 * 1024 and num_stages > 1:
+        num_stages -= 1
     if num_splits is None:
-        num_splits = choose_num_splits(batch, kv_heads, max_len, block_k,
-                                       sm_count() if sms is None else sms)
-    return DecodeConfig(block_k=block_k, num_splits=num_splits, num_warps=4, num_stages=3,
-                        use_dot=True)
+        if batch * kv_heads >= 2 * sm_count():
+            num_splits = 1
+        else:
+            num_splits = max(1, min(16, -(-max_len // (2 * block_k))))
+    return DecodeConfig(block_k=block_k, num_splits=num_splits, num_warps=4,
+                        num_stages=num_stages, use_dot=True)
 
 
 def split_layout(max_len: int, num_splits: int, block_k: int) -> tuple[int, int]:

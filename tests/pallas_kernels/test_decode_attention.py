@@ -336,9 +336,12 @@ def test_split_layout_covers_cache():
 def test_heuristic_config_fills_gpu():
     for s in BENCH_SHAPES:
         cfg = heuristic_config(s.batch, s.max_len, s.kv_heads, s.heads // s.kv_heads,
-                               s.head_dim, sms=132)
+                               s.head_dim)
         assert cfg.num_splits >= 1
-        assert s.batch * s.kv_heads * cfg.num_splits >= 132 or cfg.num_splits == 64
+        assert s.batch * s.kv_heads * cfg.num_splits >= 128
+        assert cfg.num_stages * 2 * cfg.block_k * s.head_dim * 2 <= 200 * 1024
+    fp32 = heuristic_config(4, 1000, 4, 4, 128, itemsize=4)
+    assert fp32.num_stages * 2 * fp32.block_k * 128 * 4 <= 200 * 1024
 
 
 # --- bad inputs ---------------------------------------------------------------------------------
