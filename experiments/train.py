@@ -176,8 +176,9 @@ def evaluate(task: Task, ts: TrainState, eval_step, config: ml_collections.Confi
     results = {}
     for split in splits or task.splits:
         counts, nll, scored = [], 0.0, 0.0
+        size = min(num_examples, task.num_examples(split))  # fixed splits cap the count
         for batch in task.eval_batches(split, config.eval.batch_size, seed=config.eval.seed,
-                                       num_examples=num_examples):
+                                       num_examples=size):
             preds, total, count = eval_step(ts.state, sharding.global_batch(batch, batch_sharding))
             counts.append(task.error_counts(np.asarray(preds), batch))
             nll, scored = nll + float(total), scored + float(count)

@@ -1,5 +1,7 @@
 """Transformer properties for every encoding: causality, padding, jit + grad, dtypes, config."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -73,6 +75,19 @@ def test_jit_grad_runs_and_is_finite(encoding):
     assert np.isfinite(float(value))
     leaves = jax.tree.leaves(grads)
     assert leaves and all(np.isfinite(np.asarray(g)).all() for g in leaves)
+
+
+def test_pallas_attention_model_matches_xla():
+    """The flash-attention kernel (interpret mode on CPU) behind the model == the XLA path."""
+    cfg = tiny("rope", d_model=64, num_heads=2, num_kv_heads=1)  # head_dim 32 -> padded to 64
+    xla = make_model(cfg)
+    pallas = Transformer(dataclasses.replace(cfg, attention_impl="pallas"), rngs=nnx.Rngs(1))
+    nnx.update(pallas, nnx.state(xla))
+    pallas.eval()
+    x = tokens(2, 13)
+    lengths = jnp.array([13, 8], jnp.int32)
+    np.testing.assert_allclose(pallas(x, lengths=lengths), xla(x, lengths=lengths), atol=2e-4,
+                               rtol=2e-4)
 
 
 def test_jit_equals_eager():
