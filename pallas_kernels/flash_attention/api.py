@@ -180,7 +180,7 @@ def flash_attention(
         if not _mosaic_supported(q, k, interpret):
             raise ValueError(f"backend='mosaic' needs a Hopper GPU, bf16/fp16 and head_dim 64 or "
                              f"128; got {q.dtype}, q shape {q.shape}")
-        mosaic = mosaic or heuristic_mosaic_config(head_dim)
+        mosaic = mosaic or heuristic_mosaic_config(head_dim, kv_len)
         from pallas_kernels.flash_attention import pallas_mosaic_gpu
 
         if not pallas_mosaic_gpu.supports(q.shape, k.shape, causal, lengths, mosaic):
