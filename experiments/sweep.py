@@ -1,0 +1,105 @@
+"""Runs several training configs side by side on one GPU and tabulates them beside the paper.
+
+    python -m experiments.sweep --root runs/paper --config configs/flipflop.py:cope \
+        --config configs/counting.py:cope,nvars=3 [--override train.steps=2000]
+
+Small models leave an H100 mostly idle, so the runs share it as separate processes, each with
+1/N of the GPU memory (XLA_PYTHON_CLIENT_MEM_FRACTION). Writes `<root>/summary.{json,md}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from experiments import paper
+
+
+def run_name(spec: str) -> str:
+    path, _, arg = spec.partition(":")
+    return re.sub(r"[^A-Za-z0-9_=.-]+", "_", f"{Path(path).stem}_{arg}").strip("_")
+
+
+def paper_reference(results: dict, options: dict) -> str:
+    enc, task = results["encoding"], results["task"]
+    if task == "flipflop" and enc in paper.FLIPFLOP:
+        return "in-dist {} / sparse {}".format(*paper.FLIPFLOP[enc])
+    if task == "selective_copy" and enc in paper.SELECTIVE_COPY:
+        return "in-dist {} / dense {} / sparse {}".format(*paper.SELECTIVE_COPY[enc])
+    if task == "counting" and enc in paper.COUNTING:
+        return f"test {paper.COUNTING[enc].get(options.get('nvars'), 'n/a')}"
+    return "n/a"
+
+
+def summarize(root: Path, names: list[str]) -> tuple[list[dict], str]:
+    rows, lines = [], [
+        "| run | encoding | steps | split: token error % (sequence error %) | paper (%) | "
+        "ms/batch | tokens/s |", "|---|---|---|---|---|---|---|"]
+    for name in names:
+        path = root / name / "results.json"
+        if not path.exists():
+            lines.append(f"| {name} | failed (see {name}/log.txt) | | | | | |")
+            continue
+        results = json.loads(path.read_text())
+        config = json.loads((root / name / "config.json").read_text())
+        errors = ", ".join(f"{split}: {100 * m['token_error']:.2f} ({100 * m['sequence_error']:.1f})"
+                           for split, m in results["final"].items() if split != "train")
+        ref = paper_reference(results, config["task"]["options"])
+        ms = results.get("ms_per_batch")
+        tps = results.get("tokens_per_s")
+        lines.append(f"| {name} | {results['encoding']} | {results['steps']} | {errors} | {ref} | "
+                     f"{ms:.1f} | {tps:,.0f} |" if ms else
+                     f"| {name} | {results['encoding']} | {results['steps']} | {errors} | {ref} "
+                     "| n/a | n/a |")
+        rows.append({"run": name, **results})
+    return rows, "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--root", required=True)
+    parser.add_argument("--config", action="append", required=True)
+    parser.add_argument("--override", action="append", default=[],
+                        help="field=value applied to every run (repeatable)")
+    args = parser.parse_args(argv)
+    root = Path(args.root)
+    root.mkdir(parents=True, exist_ok=True)
+    names = [run_name(spec) for spec in args.config]
+    fraction = f"{0.9 / len(names):.3f}"
+    procs = []
+    start = time.time()
+    for spec, name in zip(args.config, names):
+        cmd = [sys.executable, "-m", "experiments.train", "--config", spec, "--workdir",
+               str(root / name), "--no-progress", *(f"--config.{o}" for o in args.override)]
+        env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION=fraction,
+                   XLA_PYTHON_CLIENT_PREALLOCATE="false")
+        (root / name).mkdir(parents=True, exist_ok=True)
+        log = (root / name / "log.txt").open("w")
+        procs.append((name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)))
+        print(f"started {name}: {' '.join(cmd)}", flush=True)
+    failed = 0
+    for name, proc in procs:
+        code = proc.wait()
+        failed += code != 0
+        print(f"{name}: exit {code} after {time.time() - start:.0f} s", flush=True)
+    rows, table = summarize(root, names)
+    command = "python -m experiments.sweep --root {} {} {}".format(
+        args.root, " ".join(f"--config {c}" for c in args.config),
+        " ".join(f"--override {o}" for o in args.override))
+    device = rows[0]["device"] if rows else "?"
+    md = (f"# Runs beside the CoPE paper\n\nDevice: {device} (runs share it as {len(names)} "
+          f"processes, so ms/batch is under sharing). Command: `{command}`\n\n{table}\n")
+    (root / "summary.md").write_text(md)
+    (root / "summary.json").write_text(json.dumps(rows, indent=1))
+    print(md)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
