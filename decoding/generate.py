@@ -17,6 +17,7 @@ from decoding.step import (
     check_prompts,
     check_softmax,
     decode_fn,
+    last_valid,
     merge_model,
     prefill_fn,
     resolve_decode_impl,
@@ -70,6 +71,15 @@ def _check_generation(cfg: ModelConfig, prompts, lengths, max_new_tokens, max_le
     return prompts, lengths, max_len, pad_id
 
 
+def _num_steps(num_steps, max_new_tokens: int) -> jax.Array:
+    if num_steps is None:
+        num_steps = max_new_tokens
+    if isinstance(num_steps, int) and not 1 <= num_steps <= max_new_tokens:
+        raise ValueError(f"num_steps must be in [1, max_new_tokens={max_new_tokens}], "
+                         f"got {num_steps}")
+    return jnp.asarray(num_steps, jnp.int32)
+
+
 class _Emit(NamedTuple):
     tokens: jax.Array  # [B] int32, the tokens just emitted
     finished: jax.Array  # [B] bool
@@ -96,24 +106,18 @@ def _start(batch: int, max_new_tokens: int, pad_id: int) -> _Emit:
                  count=jnp.zeros((batch,), jnp.int32))
 
 
-def _last_valid(x: jax.Array, lengths: jax.Array) -> jax.Array:
-    """x [B, T, ...] -> x[b, lengths[b] - 1] [B, ...]."""
-    index = (lengths - 1).reshape((-1,) + (1,) * (x.ndim - 1))
-    return jnp.take_along_axis(x, index, axis=1)[:, 0]
-
-
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=(
     "max_new_tokens", "max_len", "sampler", "eos_id", "pad_id", "impl", "softmax"))
-def _generate_jit(graphdef, state, prompts, lengths, key, phi, *, max_new_tokens, max_len,
-                  sampler, eos_id, pad_id, impl, softmax):
+def _generate_jit(graphdef, state, prompts, lengths, key, phi, num_steps, *, max_new_tokens,
+                  max_len, sampler, eos_id, pad_id, impl, softmax):
     model = merge_model(graphdef, state)
-    logits, cache = prefill_fn(model, prompts, lengths, max_len)
-    emitted = _emit(0, _last_valid(logits, lengths), _start(prompts.shape[0], max_new_tokens,
-                                                            pad_id), key, sampler, eos_id, pad_id)
+    logits, cache = prefill_fn(model, prompts, lengths, max_len, last_only=True)
+    emitted = _emit(0, logits, _start(prompts.shape[0], max_new_tokens, pad_id), key, sampler,
+                    eos_id, pad_id)
 
     def cond(carry) -> jax.Array:
         step, _, emitted = carry
-        return (step < max_new_tokens) & ~jnp.all(emitted.finished)
+        return (step < num_steps) & ~jnp.all(emitted.finished)
 
     def body(carry):
         step, cache, emitted = carry
@@ -129,7 +133,8 @@ def _generate_jit(graphdef, state, prompts, lengths, key, phi, *, max_new_tokens
 def generate(model: Transformer, prompts: jax.Array, lengths: jax.Array | None = None, *,
              max_new_tokens: int, sampler: Sampler | None = None, eos_id: int | None = None,
              pad_id: int | None = None, seed: int | jax.Array = 0, max_len: int | None = None,
-             decode_impl: str = "auto", softmax: str = "unified_max", phi=None) -> Generation:
+             decode_impl: str = "auto", softmax: str = "unified_max", phi=None,
+             num_steps: int | jax.Array | None = None) -> Generation:
     """Generates up to `max_new_tokens` per row on device: prefill, then a `lax.while_loop` of
     jitted decode steps (no per-token Python).
 
@@ -150,6 +155,8 @@ def generate(model: Transformer, prompts: jax.Array, lengths: jax.Array | None =
       softmax: the kernel's mode, "unified_max" (FlashDecoding++) or "online".
       phi: the kernel's unified max per layer, scalar or [num_layers] (see `calibrate`); None
         uses the kernel's default.
+      num_steps: emit only the first `num_steps` <= max_new_tokens tokens (the rest is pad); a
+        traced bound, so it does not recompile: the benchmark times prefill with num_steps=1.
 
     Returns:
       Generation(tokens [B, max_new_tokens], lengths [B], finished [B]).
@@ -162,15 +169,16 @@ def generate(model: Transformer, prompts: jax.Array, lengths: jax.Array | None =
     check_softmax(softmax)
     graphdef, state = split_model(model)
     return _generate_jit(graphdef, state, prompts, lengths, _key(seed),
-                         as_phi(phi, cfg.num_layers), max_new_tokens=max_new_tokens,
+                         as_phi(phi, cfg.num_layers), _num_steps(num_steps, max_new_tokens),
+                         max_new_tokens=max_new_tokens,
                          max_len=max_len, sampler=sampler, eos_id=eos_id, pad_id=pad_id,
                          impl=impl, softmax=softmax)
 
 
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=(
     "max_new_tokens", "sampler", "eos_id", "pad_id"))
-def _generate_uncached_jit(graphdef, state, prompts, lengths, key, *, max_new_tokens, sampler,
-                           eos_id, pad_id):
+def _generate_uncached_jit(graphdef, state, prompts, lengths, key, num_steps, *, max_new_tokens,
+                           sampler, eos_id, pad_id):
     model = merge_model(graphdef, state)
     b, t = prompts.shape
     width = t + max_new_tokens
@@ -185,14 +193,14 @@ def _generate_uncached_jit(graphdef, state, prompts, lengths, key, *, max_new_to
         for block in model.blocks:
             x = block(x, positions=positions, lengths=lengths, rel_table=rel_table,
                       cope_table=cope_table)
-        return model.head(_last_valid(x, lengths)[:, None])[:, 0]  # [B, V]
+        return model.head(last_valid(x, lengths)[:, None])[:, 0]  # [B, V]
 
     emitted = _emit(0, next_logits(buffer, lengths), _start(b, max_new_tokens, pad_id), key,
                     sampler, eos_id, pad_id)
 
     def cond(carry) -> jax.Array:
         step, _, _, emitted = carry
-        return (step < max_new_tokens) & ~jnp.all(emitted.finished)
+        return (step < num_steps) & ~jnp.all(emitted.finished)
 
     def body(carry):
         step, buffer, lengths, emitted = carry
@@ -211,7 +219,8 @@ def _generate_uncached_jit(graphdef, state, prompts, lengths, key, *, max_new_to
 def generate_uncached(model: Transformer, prompts: jax.Array, lengths: jax.Array | None = None,
                       *, max_new_tokens: int, sampler: Sampler | None = None,
                       eos_id: int | None = None, pad_id: int | None = None,
-                      seed: int | jax.Array = 0) -> Generation:
+                      seed: int | jax.Array = 0,
+                      num_steps: int | jax.Array | None = None) -> Generation:
     """The no-cache baseline: every step re-runs the full model over a [B, T + max_new_tokens]
     buffer (static shape, causal, `lengths` masking the unwritten tail) and samples at each
     row's last valid position. Same arguments and output as `generate`; per-step cost is
@@ -226,5 +235,6 @@ def generate_uncached(model: Transformer, prompts: jax.Array, lengths: jax.Array
                          f"the absolute position table (ModelConfig.max_len={cfg.max_len})")
     graphdef, state = split_model(model)
     return _generate_uncached_jit(graphdef, state, prompts, lengths, _key(seed),
+                                  _num_steps(num_steps, max_new_tokens),
                                   max_new_tokens=max_new_tokens, sampler=sampler, eos_id=eos_id,
                                   pad_id=pad_id)

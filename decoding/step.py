@@ -36,16 +36,27 @@ def merge_model(graphdef: nnx.GraphDef, state: nnx.State) -> Transformer:
     return model
 
 
-def run_layers(model: Transformer, x: jax.Array, attention: AttentionFn) -> jax.Array:
+def last_valid(x: jax.Array, lengths: jax.Array) -> jax.Array:
+    """x [B, T, ...] -> x[b, lengths[b] - 1] [B, ...]."""
+    index = (lengths - 1).reshape((-1,) + (1,) * (x.ndim - 1))
+    return jnp.take_along_axis(x, index, axis=1)[:, 0]
+
+
+def run_layers(model: Transformer, x: jax.Array, attention: AttentionFn,
+               head_at: jax.Array | None = None) -> jax.Array:
     """Runs every block on x [B, T, d] with `attention` as the attention sublayer -> logits.
 
     The residual/norm wiring is the model's own (`Block.residual`), so only attention differs
-    from `Transformer.__call__`.
+    from `Transformer.__call__`. Returns [B, T, V] float32, or with `head_at` [B] only the
+    logits [B, V] at position head_at[b] - 1 (the LM head on every position would cost
+    B·T·V floats that generation never reads).
     """
     for i, block in enumerate(model.blocks):
         x = block.residual(x, functools.partial(attention, i, block.attn), block.attn_norm)
         x = block.residual(x, block.mlp, block.mlp_norm)
-    return model.head(x)  # [B, T, V] float32
+    if head_at is not None:
+        return model.head(last_valid(x, head_at)[:, None])[:, 0]
+    return model.head(x)
 
 
 def cope_table_of(attn: Attention, shared: jax.Array | None) -> jax.Array | None:
@@ -133,9 +144,10 @@ def check_prompts(cfg: ModelConfig, tokens: jax.Array, lengths: jax.Array | None
     return tokens.astype(jnp.int32), lengths.astype(jnp.int32), max_len
 
 
-def prefill_fn(model: Transformer, tokens: jax.Array, lengths: jax.Array,
-               max_len: int) -> tuple[jax.Array, KVCache]:
-    """Traceable prefill: tokens [B, T], lengths [B] -> (logits [B, T, V], cache)."""
+def prefill_fn(model: Transformer, tokens: jax.Array, lengths: jax.Array, max_len: int, *,
+               last_only: bool = False) -> tuple[jax.Array, KVCache]:
+    """Traceable prefill: tokens [B, T], lengths [B] -> (logits [B, T, V], cache); with
+    `last_only` the logits are [B, V], those of each row's last prompt token."""
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     x = model.embed_tokens(tokens, positions)
@@ -152,7 +164,7 @@ def prefill_fn(model: Transformer, tokens: jax.Array, lengths: jax.Array,
                           cope_table=shared_cope)  # [B, T, H, D]
         return attn.out(out.reshape(b, t, -1))
 
-    logits = run_layers(model, x, attention)
+    logits = run_layers(model, x, attention, head_at=lengths if last_only else None)
 
     def pad(x: jax.Array) -> jax.Array:  # [B, T, K, D] -> [B, max_len, K, D]
         return jnp.pad(x, ((0, 0), (0, max_len - t), (0, 0), (0, 0)))

@@ -1,0 +1,215 @@
+"""Generation benchmark: GPT-2-small-size model (random bf16 weights), tokens/s and ms per output
+token for the decode-kernel path, the XLA attention path and no-cache recomputation.
+
+Run: `python -m experiments.bench_kernels generate` (H100); `--quick` for a CPU smoke run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from cope.model import GPT2_SMALL, ModelConfig, Transformer
+from decoding import calibrate, generate, generate_uncached, greedy
+
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+PROMPT, NEW = 512, 256
+BATCHES = (1, 8, 64)
+# No-cache steps actually timed per batch; the rest is extrapolated (constant per-step cost).
+UNCACHED_STEPS = {1: 64, 8: 32, 64: 8}
+# Variants, most important first; "kernel-online" runs last and is skipped when time is short.
+VARIANTS = ("kernel", "xla", "no-cache", "kernel-online")
+TIME_BUDGET_S = 200.0  # stay inside a short device lease
+
+
+@dataclasses.dataclass
+class GenRecord:
+    """One (variant, batch) measurement; times in ms, medians over `runs` whole generations."""
+
+    variant: str
+    batch: int
+    prompt: int
+    new_tokens: int
+    prefill_ms: float | None = None  # prefill + first token (generate with num_steps=1)
+    total_ms: float | None = None  # prefill + all new tokens (extrapolated for no-cache)
+    ms_per_token: float | None = None  # one decode step for the whole batch
+    tokens_per_s: float | None = None  # batch · new_tokens / total
+    steps_timed: int | None = None
+    note: str = ""
+    error: str | None = None
+    device: str = ""
+
+
+def _median_ms(fn, runs: int) -> float:
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times) * 1e3)
+
+
+def model_config(quick: bool, attention_impl: str) -> ModelConfig:
+    if quick:
+        return ModelConfig(vocab_size=512, num_layers=2, d_model=64, num_heads=4, max_len=128,
+                           encoding="absolute", post_norm=False, attention_impl=attention_impl,
+                           dtype="bfloat16", param_dtype="bfloat16")
+    return ModelConfig(vocab_size=50257, **GPT2_SMALL, encoding="absolute",
+                       attention_impl=attention_impl, dtype="bfloat16", param_dtype="bfloat16")
+
+
+def bench_one(variant: str, model, prompts, lengths, phi, runs: int, new: int,
+              uncached_steps: int) -> GenRecord:
+    batch, prompt = prompts.shape
+    rec = GenRecord(variant, batch, prompt, new)
+    if variant == "no-cache":
+        def gen(steps):
+            return generate_uncached(model, prompts, lengths, max_new_tokens=new, sampler=greedy(),
+                                     num_steps=steps)
+        timed = min(uncached_steps, new)
+    else:
+        impl = "xla" if variant == "xla" else "pallas"
+        softmax = "online" if variant == "kernel-online" else "unified_max"
+
+        def gen(steps):
+            return generate(model, prompts, lengths, max_new_tokens=new, sampler=greedy(),
+                            decode_impl=impl, softmax=softmax,
+                            phi=phi if softmax == "unified_max" else None, num_steps=steps)
+        timed = new
+    out = gen(timed)  # compile + warm up (num_steps is traced: gen(1) reuses the executable)
+    jax.block_until_ready(out)
+    jax.block_until_ready(gen(1))
+    assert int(out.lengths.min()) == timed, "greedy generation stopped early"
+    rec.prefill_ms = _median_ms(lambda: gen(1), runs)
+    measured = _median_ms(lambda: gen(timed), runs)
+    rec.steps_timed = timed
+    rec.ms_per_token = (measured - rec.prefill_ms) / (timed - 1)
+    rec.total_ms = rec.prefill_ms + rec.ms_per_token * (new - 1)
+    rec.tokens_per_s = batch * new / (rec.total_ms * 1e-3)
+    if timed < new:
+        rec.note = (f"timed {timed} of {new} steps; every step re-runs the full model over the "
+                    f"fixed [B, {prompt}+{new}] buffer, so the per-step cost is constant and the "
+                    "total is extrapolated")
+    return rec
+
+
+def _table(records: list[GenRecord]) -> str:
+    lines = ["| batch | variant | prefill+1st (ms) | ms / output step | tokens/s | total (s) "
+             "| note |", "|---|---|---|---|---|---|---|"]
+    for r in records:
+        if r.error:
+            lines.append(f"| {r.batch} | {r.variant} | err | err | err | err | {r.error} |")
+            continue
+        lines.append(f"| {r.batch} | {r.variant} | {r.prefill_ms:.1f} | {r.ms_per_token:.3f} | "
+                     f"{r.tokens_per_s:.0f} | {r.total_ms / 1e3:.2f} | "
+                     f"{'extrapolated' if r.note else ''} |")
+    return "\n".join(lines)
+
+
+def _write(records: list[GenRecord], out: str, title: str, extra: str) -> None:
+    prefix = Path(out)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    prefix.with_suffix(".json").write_text(json.dumps(
+        [dataclasses.asdict(r) for r in records], indent=1))
+    device = records[0].device if records else "?"
+    table = _table(records)
+    print(table, flush=True)
+    prefix.with_suffix(".md").write_text(
+        f"# {title}\n\nDevice: {device}, jax {jax.__version__}.\n\n{table}\n\n{extra}\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    ok = [r for r in records if not r.error]
+    variants = list(dict.fromkeys(r.variant for r in ok))
+    batches = sorted({r.batch for r in ok})
+    width = 0.8 / max(len(variants), 1)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for i, v in enumerate(variants):
+        vals = [next((r.tokens_per_s for r in ok if r.variant == v and r.batch == b), 0.0)
+                for b in batches]
+        ax.bar(np.arange(len(batches)) + i * width, vals, width, label=v)
+    ax.set_xticks(np.arange(len(batches)) + 0.4 - width / 2, [f"batch {b}" for b in batches])
+    ax.set_yscale("log")
+    ax.set_ylabel("generated tokens / s")
+    ax.set_title(f"{title} ({device})", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(prefix.with_suffix(".png"), dpi=120)
+    plt.close(fig)
+
+
+def run(out: str | None = None, iters: int = 20, quick: bool = False) -> list[GenRecord]:
+    start = time.perf_counter()
+    device = jax.devices()[0].device_kind
+    prompt, new = (32, 16) if quick else (PROMPT, NEW)
+    batches = (1, 2) if quick else BATCHES
+    runs = max(1, min(iters, 5))  # whole generations are long; 5 runs give a stable median
+    models = {impl: Transformer(model_config(quick, impl), rngs=nnx.Rngs(0))
+              for impl in ("xla", "pallas")}
+    for m in models.values():
+        m.eval()
+    cfg = models["xla"].cfg
+    rng = np.random.default_rng(0)
+    calib = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, prompt)), jnp.int32)
+    phi = calibrate(models["xla"], calib)
+    print(f"phi per layer: {np.round(np.asarray(phi), 3).tolist()}", flush=True)
+    if out is None:
+        tag = "cpu" if jax.default_backend() != "gpu" else "h100"
+        out = f"experiments/results/bench_generate_{tag}{'_quick' if quick else ''}"
+    title = (f"Generation, {cfg.num_layers}L d{cfg.d_model} {cfg.num_heads}h V{cfg.vocab_size} "
+             f"bf16 random weights, prompt {prompt}, {new} new tokens, greedy")
+    extra = (
+        "Variants: `kernel` = flash-attention prefill (attention_impl='pallas') + our split-KV "
+        "decode kernel (FlashDecoding++ unified max, φ per layer from `decoding.calibrate`); "
+        "`kernel-online` = the same with the online-softmax (Flash-Decoding) mode; `xla` = XLA "
+        "attention for prefill and decode; `no-cache` = every step re-runs the full model "
+        "(XLA attention) over the [B, prompt+new] buffer. All run as one jitted on-device "
+        "`lax.while_loop`. `prefill+1st` = `generate(num_steps=1)`; `ms / output step` = "
+        "(time of N steps - prefill+1st) / (N - 1), one decode step for the whole batch; "
+        "tokens/s = batch·new / (prefill+1st + (new-1)·step). Medians over "
+        f"{runs} whole generations after a warm-up. Encoding: learned absolute (GPT-2). "
+        f"φ per layer: {np.round(np.asarray(phi), 3).tolist()}.")
+    records: list[GenRecord] = []
+    order = [(v, b) for v in VARIANTS[:-1] for b in batches]
+    order = sorted(order, key=lambda vb: (vb[1], VARIANTS.index(vb[0])))
+    order += [(VARIANTS[-1], b) for b in batches]
+    for variant, batch in order:
+        elapsed = time.perf_counter() - start
+        if elapsed > TIME_BUDGET_S:
+            print(f"skip {variant} B{batch}: {elapsed:.0f}s elapsed", flush=True)
+            continue
+        lengths = jnp.full((batch,), prompt, jnp.int32)
+        prompts = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, prompt)), jnp.int32)
+        model = models["pallas" if variant.startswith("kernel") else "xla"]
+        t0 = time.perf_counter()
+        try:
+            steps = UNCACHED_STEPS.get(batch, 8) if not quick else 4
+            rec = bench_one(variant, model, prompts, lengths, phi, runs, new, steps)
+        except Exception as e:  # keep going: one failing variant must not lose the others
+            traceback.print_exc()
+            rec = GenRecord(variant, batch, prompt, new, error=f"{type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:160] if str(e) else ''}")
+        rec.device = device
+        records.append(rec)
+        print(f"{variant} B{batch}: {rec.ms_per_token} ms/step, {rec.tokens_per_s} tok/s "
+              f"({time.perf_counter() - t0:.0f}s incl. compile)", flush=True)
+        _write(records, out, title, extra)
+    return records
+
+
+if __name__ == "__main__":
+    run(quick=True)
