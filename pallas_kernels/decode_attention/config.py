@@ -45,16 +45,16 @@ def sm_count() -> int:
 
 def heuristic_config(batch: int, max_len: int, kv_heads: int, group: int, head_dim: int,
                      *, itemsize: int = 2, num_splits: int | None = None) -> DecodeConfig:
-    """Default config for one decode step.
+    """Default config for one decode step, fitted to the in-run tuning of the H100 benchmark.
 
-    block_k = 128 keys (64 for D > 128), shrunk until the pipelined K and V tiles
-    (num_stages · 2 · block_k · head_dim · itemsize) fit in 200 KB of shared memory. Splits: with
-    at least 256 (batch, kv_head) pairs the grid is full without splitting, and one split lets
-    the kernel normalise in place with no combine step (what measured best on the H100 for the
-    MHA shapes); otherwise 16 splits (at least two key blocks each), which measured best among
-    16/32/64 on the H100 both for 64 pairs (B8, 8 kv heads) and for 8 pairs (B1).
+    block_k = 64 keys for head_dim >= 128, else 128, shrunk until the pipelined K and V tiles
+    (num_stages · 2 · block_k · head_dim · itemsize) fit in 200 KB of shared memory. Splits:
+    with at least 64 (batch, kv_head) pairs, 2 splits (1 for caches under 4096 keys, where one
+    split lets the kernel normalise in place with no combine step); with fewer pairs, enough
+    splits for about two programs per SM (B1 with 8 kv heads: 32), capped at 64 and at two key
+    blocks per split.
     """
-    block_k = 128 if head_dim <= 128 else 64
+    block_k = 64 if head_dim >= 128 else 128
     block_k = max(16, min(block_k, 1 << max(4, (max_len - 1).bit_length())))
     num_stages = 3
     while num_stages * 2 * block_k * head_dim * itemsize > 200 * 1024 and block_k > 32:
@@ -62,10 +62,13 @@ def heuristic_config(batch: int, max_len: int, kv_heads: int, group: int, head_d
     while num_stages * 2 * block_k * head_dim * itemsize > 200 * 1024 and num_stages > 1:
         num_stages -= 1
     if num_splits is None:
-        if batch * kv_heads >= 2 * sm_count():
-            num_splits = 1
+        pairs = batch * kv_heads
+        if pairs >= 64:
+            num_splits = 2 if max_len >= 4096 else 1
         else:
-            num_splits = max(1, min(16, -(-max_len // (2 * block_k))))
+            wanted = -(-2 * sm_count() // pairs)
+            num_splits = min(64, 1 << (wanted.bit_length() - 1))
+        num_splits = max(1, min(num_splits, -(-max_len // (2 * block_k))))
     return DecodeConfig(block_k=block_k, num_splits=num_splits, num_warps=4,
                         num_stages=num_stages, use_dot=True)
 
