@@ -129,7 +129,7 @@ def test_kernel_path_equals_xla_path(encoding):
     ref, ref_cache = D.decode_step(model, cache, tok, decode_impl="xla")
     got, got_cache = D.decode_step(model, cache, tok, decode_impl="pallas", phi=phi)
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
-    for a, b in zip(jax.tree.leaves(got_cache), jax.tree.leaves(ref_cache)):
+    for a, b in zip(jax.tree.leaves(got_cache), jax.tree.leaves(ref_cache), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)  # later layers see rounding
 
 
