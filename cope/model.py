@@ -272,8 +272,10 @@ class Transformer(nnx.Module):
         self.cfg = cfg
         spec = cfg.spec
         pdt = _dtype(cfg.param_dtype)
+        # The lookup runs in the parameter dtype: its gradient is a scatter-add, which is very
+        # slow on GPUs in bf16 (atomics emulated with compare-and-swap, heavy contention).
         self.embed = nnx.Embed(
-            cfg.vocab_size, cfg.d_model, dtype=_dtype(cfg.dtype), param_dtype=pdt,
+            cfg.vocab_size, cfg.d_model, dtype=pdt, param_dtype=pdt,
             embedding_init=nnx.initializers.normal(cfg.d_model**-0.5), rngs=rngs)
         absolute = None
         if spec.absolute == "learned":
@@ -295,7 +297,7 @@ class Transformer(nnx.Module):
 
     def embed_tokens(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
         """tokens, positions [B, T] -> [B, T, d]: token (+ absolute position) embeddings."""
-        x = self.embed(tokens)
+        x = self.embed(tokens).astype(_dtype(self.cfg.dtype))
         if self.absolute is not None:
             x = x + self.absolute(positions).astype(x.dtype)
         return self.embed_dropout(x)
@@ -310,8 +312,10 @@ class Transformer(nnx.Module):
         """Final hidden states [B, T, d] -> logits [B, T, V] float32."""
         if self.final_norm is not None:
             x = self.final_norm(x)
-        logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
-        return logits.astype(jnp.float32)
+        if self.lm_head is not None:
+            return self.lm_head(x).astype(jnp.float32)
+        table = self.embed.embedding[...].astype(x.dtype)  # tied output embedding [V, d]
+        return jnp.einsum("btd,vd->btv", x, table, preferred_element_type=jnp.float32)
 
     def __call__(self, tokens: jax.Array, *, lengths: jax.Array | None = None,
                  positions: jax.Array | None = None) -> jax.Array:
