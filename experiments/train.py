@@ -182,7 +182,8 @@ def evaluate(task: Task, ts: TrainState, eval_step, config: ml_collections.Confi
             preds, total, count = eval_step(ts.state, sharding.global_batch(batch, batch_sharding))
             counts.append(task.error_counts(np.asarray(preds), batch))
             nll, scored = nll + float(total), scored + float(count)
-        results[split] = finalize(counts) | {"loss": nll / max(scored, 1.0)}
+        loss = nll / max(scored, 1.0)
+        results[split] = finalize(counts) | {"loss": loss, "perplexity": math.exp(min(loss, 700))}
     return results
 
 
