@@ -32,8 +32,8 @@ def make_task(name: str, **options: Any) -> Task:
 
     Args:
         name: "flipflop", "selective_copy", "counting" or "wikitext".
-        **options: task options, see FlipFlop (plus source="local"|"hub"), SelectiveCopy and
-            Counting, WikiText. Unknown names or options raise a one-line ValueError.
+        **options: task options, see FlipFlop (plus source="local"|"hub"), SelectiveCopy,
+            Counting and WikiText. Unknown names or options raise a one-line ValueError.
     """
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; allowed: {', '.join(repr(t) for t in TASKS)}")

@@ -198,8 +198,9 @@ def bpe_cache_path(directory: Path, lines: Sequence[str], vocab_size: int) -> Pa
     return directory / "tokenizers" / f"bpe-{vocab_size}-{len(lines)}-{digest.hexdigest()}.json"
 
 
-def load_or_train_bpe(lines: Sequence[str], vocab_size: int, data_dir: Path | None,
-                      cache_dir: Path):
+def load_or_train_bpe(
+    lines: Sequence[str], vocab_size: int, data_dir: Path | None, cache_dir: Path
+):
     """The cached BPE tokenizer for `lines`, trained and saved on first use.
 
     It is cached in `<data_dir>/tokenizers/` when the data directory is writable, else in
@@ -217,17 +218,30 @@ def load_or_train_bpe(lines: Sequence[str], vocab_size: int, data_dir: Path | No
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tokenizer.save(str(path))
-        print(f"wikitext: trained byte-level BPE ({tokenizer.get_vocab_size()} tokens), "
-              f"cached at {path}", file=sys.stderr)
+        print(
+            f"wikitext: trained byte-level BPE ({tokenizer.get_vocab_size()} tokens), "
+            f"cached at {path}",
+            file=sys.stderr,
+        )
     except OSError as e:
-        print(f"wikitext: could not cache the BPE tokenizer at {path} ({e}); set "
-              f"task.options.cache_dir or {CACHE_DIR_ENV}", file=sys.stderr)
+        print(
+            f"wikitext: could not cache the BPE tokenizer at {path} ({e}); set "
+            f"task.options.cache_dir or {CACHE_DIR_ENV}",
+            file=sys.stderr,
+        )
     return tokenizer
 
 
 @functools.lru_cache(maxsize=4)
-def load_streams(source: str, dataset: str, data_dir: str, tokenizer: str, bpe_vocab_size: int,
-                 bpe_train_lines: int, cache_dir: str) -> tuple[Any, dict[str, np.ndarray]]:
+def load_streams(
+    source: str,
+    dataset: str,
+    data_dir: str,
+    tokenizer: str,
+    bpe_vocab_size: int,
+    bpe_train_lines: int,
+    cache_dir: str,
+) -> tuple[Any, dict[str, np.ndarray]]:
     """(vocabulary or BPE tokenizer, {split: [N] int32 read-only token stream}), cached.
 
     Tasks that differ only in window lengths or strides share one tokenized copy.
@@ -326,13 +340,19 @@ class WikiText(Task):
         eval_stride = check_int("eval_stride", eval_stride, minimum=0)
         self.stride = eval_stride or self.eval_len
         if self.stride > self.eval_len:
-            raise ValueError(f"eval_stride must be <= the eval length {self.eval_len}, "
-                             f"got {eval_stride}")
+            raise ValueError(
+                f"eval_stride must be <= the eval length {self.eval_len}, got {eval_stride}"
+            )
         bpe_vocab_size = check_int("bpe_vocab_size", bpe_vocab_size, minimum=257)
         bpe_train_lines = check_int("bpe_train_lines", bpe_train_lines, minimum=0)
         vocab, self.streams = load_streams(
-            self.source, self.dataset, str(data_dir), self.tokenizer_name, bpe_vocab_size,
-            bpe_train_lines, str(cache_dir)
+            self.source,
+            self.dataset,
+            str(data_dir),
+            self.tokenizer_name,
+            bpe_vocab_size,
+            bpe_train_lines,
+            str(cache_dir),
         )
         if self.tokenizer_name == "word":
             self.tokenizer, self.vocab, self.token_separator = None, vocab, " "
@@ -343,10 +363,14 @@ class WikiText(Task):
         super().__init__()
         for split in SPLITS:
             if len(self.streams[split]) <= self.seq_len(split):
-                raise ValueError(f"split {split!r} has {len(self.streams[split])} tokens, too few "
-                                 f"for windows of {self.seq_len(split)}")
+                raise ValueError(
+                    f"split {split!r} has {len(self.streams[split])} tokens, too few "
+                    f"for windows of {self.seq_len(split)}"
+                )
         self._windows = {
-            split: eval_windows(len(self.streams[split]), self.seq_len(split), self.stride_of(split))
+            split: eval_windows(
+                len(self.streams[split]), self.seq_len(split), self.stride_of(split)
+            )
             for split in SPLITS
         }
 
@@ -418,8 +442,10 @@ class WikiText(Task):
             )
         for begin in range(0, num_examples, batch_size):
             rows = np.arange(begin, begin + batch_size) % num_examples
-            yield mask_rows(self.windows(split, starts[rows], first[rows]),
-                            min(batch_size, num_examples - begin))
+            yield mask_rows(
+                self.windows(split, starts[rows], first[rows]),
+                min(batch_size, num_examples - begin),
+            )
 
     # ----- text ------------------------------------------------------------------------------
 
@@ -438,6 +464,8 @@ class WikiText(Task):
         return np.array([self._token_ids.get(w, unk) for w in text.split()], dtype=np.int32)
 
     def __repr__(self) -> str:
-        return (f"WikiText({self.dataset}, {self.source}, {self.tokenizer_name}, "
-                f"vocab_size={self.vocab_size}, seq_len={self.train_len}, "
-                f"eval_seq_len={self.eval_len}, stride={self.stride})")
+        return (
+            f"WikiText({self.dataset}, {self.source}, {self.tokenizer_name}, "
+            f"vocab_size={self.vocab_size}, seq_len={self.train_len}, "
+            f"eval_seq_len={self.eval_len}, stride={self.stride})"
+        )
