@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import stat
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -198,6 +199,20 @@ def bpe_cache_path(directory: Path, lines: Sequence[str], vocab_size: int) -> Pa
     return directory / "tokenizers" / f"bpe-{vocab_size}-{len(lines)}-{digest.hexdigest()}.json"
 
 
+def is_writable(directory: Path) -> bool:
+    """True when `directory` is meant to be written: accessible AND with a write bit in its mode.
+
+    The mode check keeps root (for whom os.access is always True) out of read-only data copies.
+    """
+    try:
+        mode = directory.stat().st_mode
+    except OSError:
+        return False
+    return os.access(directory, os.W_OK) and bool(
+        mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)
+    )
+
+
 def load_or_train_bpe(
     lines: Sequence[str], vocab_size: int, data_dir: Path | None, cache_dir: Path
 ):
@@ -208,7 +223,7 @@ def load_or_train_bpe(
     """
     from tokenizers import Tokenizer
 
-    writable = data_dir is not None and os.access(data_dir, os.W_OK)
+    writable = data_dir is not None and is_writable(data_dir)
     for directory in ([data_dir] if writable else []) + [cache_dir]:
         path = bpe_cache_path(directory, lines, vocab_size)
         if path.is_file():
