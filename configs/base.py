@@ -29,8 +29,14 @@ def parse_arg(arg: str | None, task_options: dict) -> tuple[str, dict]:
     variant, options = parts[0], {}
     if variant not in VARIANTS:
         raise ValueError(f"config variant must be one of {sorted(VARIANTS)}, got {variant!r}")
-    known = {"smoke": bool, "cpu": bool, "fsdp": bool, "pallas": bool, "seed": int,
-             "steps": int} | task_options
+    known = {
+        "smoke": bool,
+        "cpu": bool,
+        "fsdp": bool,
+        "pallas": bool,
+        "seed": int,
+        "steps": int,
+    } | task_options
     for part in parts[1:]:
         name, _, value = part.partition("=")
         if name not in known:
@@ -42,7 +48,9 @@ def parse_arg(arg: str | None, task_options: dict) -> tuple[str, dict]:
             try:
                 options[name] = kind(value)
             except ValueError:
-                raise ValueError(f"config option {name} expects {kind.__name__}, got {value!r}")
+                raise ValueError(
+                    f"config option {name} expects {kind.__name__}, got {value!r}"
+                ) from None
     return variant, options
 
 
@@ -51,25 +59,61 @@ def base_config(task: str, variant: str) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.task = ml_collections.ConfigDict(dict(name=task, options=ml_collections.ConfigDict()))
     c.variant = variant
-    c.model = ml_collections.ConfigDict(dict(
-        num_layers=4, d_model=256, num_heads=4, num_kv_heads=0, mlp_dim=0, mlp="relu",
-        norm="layernorm", post_norm=True, dropout=0.1, tie_embeddings=True, use_bias=True,
-        encoding=VARIANTS[variant], npos=0, cope_shared=False, cope_nodiv=False,
-        cope_sep_key=False, rel_max_distance=0, rope_base=10000.0, attention_impl="xla",
-        dtype="bfloat16", param_dtype="float32", remat=False,
-    ))  # 0 means "the model's default" for the optional integer fields
-    c.train = ml_collections.ConfigDict(dict(
-        seed=1, steps=10_000, batch_size=64, optimizer="adam", learning_rate=7e-5,
-        weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, warmup_steps=0, schedule="constant",
-        grad_clip=0.0, log_every=100, eval_every=1000, checkpoint_every=1000,
-        keep_checkpoints=3, fsdp=False,
-    ))
-    c.eval = ml_collections.ConfigDict(dict(
-        batch_size=256,
-        num_examples=1024,  # per split for the periodic evaluations
-        final_num_examples=4096,  # per split for the final evaluation (results.json)
-        seed=0,
-    ))
+    c.model = ml_collections.ConfigDict(
+        dict(
+            num_layers=4,
+            d_model=256,
+            num_heads=4,
+            num_kv_heads=0,
+            mlp_dim=0,
+            mlp="relu",
+            norm="layernorm",
+            post_norm=True,
+            dropout=0.1,
+            tie_embeddings=True,
+            use_bias=True,
+            encoding=VARIANTS[variant],
+            npos=0,
+            cope_shared=False,
+            cope_nodiv=False,
+            cope_sep_key=False,
+            rel_max_distance=0,
+            rope_base=10000.0,
+            attention_impl="xla",
+            dtype="bfloat16",
+            param_dtype="float32",
+            remat=False,
+        )
+    )  # 0 means "the model's default" for the optional integer fields
+    c.train = ml_collections.ConfigDict(
+        dict(
+            seed=1,
+            steps=10_000,
+            batch_size=64,
+            optimizer="adam",
+            learning_rate=7e-5,
+            weight_decay=0.0,
+            b1=0.9,
+            b2=0.999,
+            eps=1e-8,
+            warmup_steps=0,
+            schedule="constant",
+            grad_clip=0.0,
+            log_every=100,
+            eval_every=1000,
+            checkpoint_every=1000,
+            keep_checkpoints=3,
+            fsdp=False,
+        )
+    )
+    c.eval = ml_collections.ConfigDict(
+        dict(
+            batch_size=256,
+            num_examples=1024,  # per split for the periodic evaluations
+            final_num_examples=4096,  # per split for the final evaluation (results.json)
+            seed=0,
+        )
+    )
     return c
 
 

@@ -19,7 +19,8 @@ def get_config(arg: str | None = None):
         c.train.update(steps=1500, learning_rate=1e-3, warmup_steps=100)
     apply_common_options(c, options)
     if options.get("smoke"):
-        c.task.options.update(train_blanks=16, val_blanks=16, dense_blanks=8, sparse_blanks=32,
-                              num_tokens=4)
+        c.task.options.update(
+            train_blanks=16, val_blanks=16, dense_blanks=8, sparse_blanks=32, num_tokens=4
+        )
     c.lock()
     return c

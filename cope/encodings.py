@@ -90,11 +90,9 @@ class RelativeTable(nnx.Module):
     As in the official code, one table is shared by every layer and head.
     """
 
-    def __init__(self, max_distance: int, head_dim: int, *, param_dtype: jnp.dtype,
-                 rngs: nnx.Rngs):
+    def __init__(self, max_distance: int, head_dim: int, *, param_dtype: jnp.dtype, rngs: nnx.Rngs):
         self.table = nnx.Param(
-            jax.random.normal(rngs.params(), (max_distance, head_dim), param_dtype)
-            * head_dim**-0.5
+            jax.random.normal(rngs.params(), (max_distance, head_dim), param_dtype) * head_dim**-0.5
         )
 
 

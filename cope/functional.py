@@ -38,13 +38,9 @@ def check_qkv(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array | Non
     if v.shape != k.shape:
         raise ValueError(f"v must have the shape of k {k.shape}, got {v.shape}")
     if k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
-        raise ValueError(
-            f"k {k.shape} must share batch and head_dim with q {q.shape}"
-        )
+        raise ValueError(f"k {k.shape} must share batch and head_dim with q {q.shape}")
     if q.shape[2] % k.shape[2]:
-        raise ValueError(
-            f"q heads ({q.shape[2]}) must be a multiple of kv heads ({k.shape[2]})"
-        )
+        raise ValueError(f"q heads ({q.shape[2]}) must be a multiple of kv heads ({k.shape[2]})")
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise ValueError(f"{name} must be a floating dtype, got {x.dtype}")
@@ -217,7 +213,9 @@ def cope_logits(
     gates = jnp.where(mask, jax.nn.sigmoid(gate_logits * scale), 0.0)
     positions = cope_positions(gates, pos_emb.shape[0])
     # [B, T, H, D] x [N, D] -> [B, H, T, N]
-    z = jnp.einsum("bthd,nd->bhtn", q, pos_emb.astype(q.dtype), preferred_element_type=_acc(q.dtype))
+    z = jnp.einsum(
+        "bthd,nd->bhtn", q, pos_emb.astype(q.dtype), preferred_element_type=_acc(q.dtype)
+    )
     position_term = interpolate_position_logits(z, positions)
     if bias is not None:
         content = content + bias.astype(content.dtype)
@@ -240,7 +238,7 @@ def cope_attention(
     bias: jax.Array | None = None,
     impl: Impl = "xla",
 ) -> jax.Array:
-    """CoPE attention, as Meta's official `ContextPosSelfAttn` (facebookresearch/RAM, projects/cope).
+    """CoPE attention as Meta's official `ContextPosSelfAttn` (facebookresearch/RAM, projects/cope).
 
     g_ij = sigmoid(q_i·k_j·scale) on allowed pairs (0 elsewhere); p_ij = Σ_{m=j..i} g_im clamped
     to npos-1; z_i[n] = q_i·e[n]; logits (q_i·k_j + z_i(p_ij))·scale with z interpolated linearly
@@ -296,8 +294,10 @@ def rope(x: jax.Array, positions: jax.Array, *, base: float = 10000.0) -> jax.Ar
     if positions.ndim == 1:
         positions = positions[None]
     if positions.shape[-1] != x.shape[1]:
-        raise ValueError(f"positions must be [batch, {x.shape[1]}] or [{x.shape[1]}], "
-                         f"got shape {positions.shape}")
+        raise ValueError(
+            f"positions must be [batch, {x.shape[1]}] or [{x.shape[1]}], "
+            f"got shape {positions.shape}"
+        )
     inv_freq = base ** (-jnp.arange(0, d, 2, dtype=positions.dtype) / d)  # [D/2]
     angles = positions[..., None] * inv_freq  # [B, T, D/2]
     cos = jnp.cos(angles)[:, :, None, :]
@@ -321,7 +321,9 @@ def relative_logits(
     b, t = q.shape[:2]
     offset = kv_len - t if q_offset is None else q_offset
     offset = jnp.reshape(jnp.asarray(offset, jnp.int32), (-1, 1, 1))  # [B or 1, 1, 1]
-    z = jnp.einsum("bthd,rd->bhtr", q, rel_emb.astype(q.dtype), preferred_element_type=_acc(q.dtype))
+    z = jnp.einsum(
+        "bthd,rd->bhtr", q, rel_emb.astype(q.dtype), preferred_element_type=_acc(q.dtype)
+    )
     distance = jnp.arange(t)[None, :, None] + offset - jnp.arange(kv_len)[None, None, :]
     distance = jnp.clip(distance, 0, rel_emb.shape[0] - 1)  # [B or 1, T, S]
     index = jnp.broadcast_to(distance[:, None], (b, z.shape[1], t, kv_len))

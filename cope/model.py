@@ -91,8 +91,11 @@ class ModelConfig:
         if spec.rope and self.head_dim % 2:
             fail("d_model", f"rope needs an even head_dim, head_dim is {self.head_dim}")
         if self.attention_impl == "pallas" and spec.needs_bias:
-            fail("attention_impl", f"'pallas' supports only none/absolute/sinusoidal/rope "
-                 f"encodings until the fused CoPE kernel exists (encoding={self.encoding!r})")
+            fail(
+                "attention_impl",
+                f"'pallas' supports only none/absolute/sinusoidal/rope "
+                f"encodings until the fused CoPE kernel exists (encoding={self.encoding!r})",
+            )
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> ModelConfig:
@@ -129,8 +132,16 @@ class ModelConfig:
 
 
 SYNTHETIC = dict(num_layers=4, d_model=256, num_heads=4, post_norm=True, mlp="relu")
-GPT2_SMALL = dict(num_layers=12, d_model=768, num_heads=12, max_len=1024, npos=64,
-                  post_norm=False, mlp="gelu", tie_embeddings=True)
+GPT2_SMALL = dict(
+    num_layers=12,
+    d_model=768,
+    num_heads=12,
+    max_len=1024,
+    npos=64,
+    post_norm=False,
+    mlp="gelu",
+    tie_embeddings=True,
+)
 
 
 def _dtype(name: str) -> jnp.dtype:
@@ -142,18 +153,26 @@ class Attention(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        dense = dict(use_bias=cfg.use_bias, dtype=_dtype(cfg.dtype),
-                     param_dtype=_dtype(cfg.param_dtype), rngs=rngs)
+        dense = dict(
+            use_bias=cfg.use_bias,
+            dtype=_dtype(cfg.dtype),
+            param_dtype=_dtype(cfg.param_dtype),
+            rngs=rngs,
+        )
         d, hd = cfg.d_model, cfg.head_dim
         self.query = nnx.Linear(d, cfg.num_heads * hd, **dense)
         self.key = nnx.Linear(d, cfg.kv_heads * hd, **dense)
         self.value = nnx.Linear(d, cfg.kv_heads * hd, **dense)
         self.out = nnx.Linear(cfg.num_heads * hd, d, **dense)
         spec = cfg.spec
-        self.gate_key = nnx.data(nnx.Linear(d, cfg.kv_heads * hd, **dense) if (
-            spec.cope and cfg.cope_sep_key) else None)
-        self.cope = nnx.data(CoPETable(cfg.cope_npos, hd, param_dtype=_dtype(cfg.param_dtype)) if (
-            spec.cope and not cfg.cope_shared) else None)
+        self.gate_key = nnx.data(
+            nnx.Linear(d, cfg.kv_heads * hd, **dense) if (spec.cope and cfg.cope_sep_key) else None
+        )
+        self.cope = nnx.data(
+            CoPETable(cfg.cope_npos, hd, param_dtype=_dtype(cfg.param_dtype))
+            if (spec.cope and not cfg.cope_shared)
+            else None
+        )
 
     def project(self, x: jax.Array, positions: jax.Array):
         """x [B, T, d] -> q [B, T, H, D], k, v (and gate keys or None) [B, T, K, D].
@@ -195,16 +214,34 @@ class Attention(nnx.Module):
             bias = F.relative_logits(q, rel_table, k.shape[1], q_offset=q_offset)
         if spec.cope:
             table = self.cope.table[...] if self.cope is not None else cope_table
-            return F.cope_attention(q, k, v, table, causal=causal, lengths=lengths,
-                                    nodiv=cfg.cope_nodiv, gate_k=gate_k, bias=bias)
-        return F.attention(q, k, v, causal=causal, lengths=lengths, bias=bias,
-                           impl=cfg.attention_impl)
+            return F.cope_attention(
+                q,
+                k,
+                v,
+                table,
+                causal=causal,
+                lengths=lengths,
+                nodiv=cfg.cope_nodiv,
+                gate_k=gate_k,
+                bias=bias,
+            )
+        return F.attention(
+            q, k, v, causal=causal, lengths=lengths, bias=bias, impl=cfg.attention_impl
+        )
 
     def __call__(self, x, *, positions, lengths, rel_table, cope_table) -> jax.Array:
         b, t, _ = x.shape
         q, k, v, gate_k = self.project(x, positions)
-        out = self.attend(q, k, v, gate_k, causal=True, lengths=lengths, rel_table=rel_table,
-                          cope_table=cope_table)
+        out = self.attend(
+            q,
+            k,
+            v,
+            gate_k,
+            causal=True,
+            lengths=lengths,
+            rel_table=rel_table,
+            cope_table=cope_table,
+        )
         return self.out(out.reshape(b, t, -1))
 
 
@@ -212,12 +249,17 @@ class MLP(nnx.Module):
     """Position-wise feed-forward network: ReLU, GELU or SwiGLU."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        dense = dict(use_bias=cfg.use_bias, dtype=_dtype(cfg.dtype),
-                     param_dtype=_dtype(cfg.param_dtype), rngs=rngs)
+        dense = dict(
+            use_bias=cfg.use_bias,
+            dtype=_dtype(cfg.dtype),
+            param_dtype=_dtype(cfg.param_dtype),
+            rngs=rngs,
+        )
         self.kind = cfg.mlp
         self.up = nnx.Linear(cfg.d_model, cfg.hidden_dim, **dense)
         self.gate = nnx.data(
-            nnx.Linear(cfg.d_model, cfg.hidden_dim, **dense) if cfg.mlp == "swiglu" else None)
+            nnx.Linear(cfg.d_model, cfg.hidden_dim, **dense) if cfg.mlp == "swiglu" else None
+        )
         self.down = nnx.Linear(cfg.hidden_dim, cfg.d_model, **dense)
         self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
 
@@ -234,8 +276,7 @@ class MLP(nnx.Module):
 
 def _norm(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
     cls = nnx.LayerNorm if cfg.norm == "layernorm" else nnx.RMSNorm
-    return cls(cfg.d_model, dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype),
-               rngs=rngs)
+    return cls(cfg.d_model, dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype), rngs=rngs)
 
 
 class Block(nnx.Module):
@@ -255,8 +296,9 @@ class Block(nnx.Module):
         return x + self.dropout(sublayer(norm(x)))
 
     def __call__(self, x, *, positions, lengths, rel_table, cope_table) -> jax.Array:
-        attn = lambda h: self.attn(h, positions=positions, lengths=lengths, rel_table=rel_table,
-                                   cope_table=cope_table)
+        attn = lambda h: self.attn(
+            h, positions=positions, lengths=lengths, rel_table=rel_table, cope_table=cope_table
+        )
         x = self.residual(x, attn, self.attn_norm)
         return self.residual(x, self.mlp, self.mlp_norm)
 
@@ -275,8 +317,13 @@ class Transformer(nnx.Module):
         # The lookup runs in the parameter dtype: its gradient is a scatter-add, which is very
         # slow on GPUs in bf16 (atomics emulated with compare-and-swap, heavy contention).
         self.embed = nnx.Embed(
-            cfg.vocab_size, cfg.d_model, dtype=pdt, param_dtype=pdt,
-            embedding_init=nnx.initializers.normal(cfg.d_model**-0.5), rngs=rngs)
+            cfg.vocab_size,
+            cfg.d_model,
+            dtype=pdt,
+            param_dtype=pdt,
+            embedding_init=nnx.initializers.normal(cfg.d_model**-0.5),
+            rngs=rngs,
+        )
         absolute = None
         if spec.absolute == "learned":
             absolute = AbsolutePositions(cfg.max_len, cfg.d_model, param_dtype=pdt, rngs=rngs)
@@ -284,16 +331,31 @@ class Transformer(nnx.Module):
             absolute = SinusoidalPositions(cfg.max_len, cfg.d_model)
         # Optional submodules are wrapped in nnx.data so that None and a module are both data.
         self.absolute = nnx.data(absolute)
-        self.relative = nnx.data(RelativeTable(cfg.rel_distance, cfg.head_dim, param_dtype=pdt,
-                                               rngs=rngs) if spec.relative else None)
-        self.shared_cope = nnx.data(CoPETable(cfg.cope_npos, cfg.head_dim, param_dtype=pdt) if (
-            spec.cope and cfg.cope_shared) else None)
+        self.relative = nnx.data(
+            RelativeTable(cfg.rel_distance, cfg.head_dim, param_dtype=pdt, rngs=rngs)
+            if spec.relative
+            else None
+        )
+        self.shared_cope = nnx.data(
+            CoPETable(cfg.cope_npos, cfg.head_dim, param_dtype=pdt)
+            if (spec.cope and cfg.cope_shared)
+            else None
+        )
         self.embed_dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
         self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
         self.final_norm = nnx.data(None if cfg.post_norm else _norm(cfg, rngs))
-        self.lm_head = nnx.data(None if cfg.tie_embeddings else nnx.Linear(
-            cfg.d_model, cfg.vocab_size, use_bias=False, dtype=_dtype(cfg.dtype),
-            param_dtype=pdt, rngs=rngs))
+        self.lm_head = nnx.data(
+            None
+            if cfg.tie_embeddings
+            else nnx.Linear(
+                cfg.d_model,
+                cfg.vocab_size,
+                use_bias=False,
+                dtype=_dtype(cfg.dtype),
+                param_dtype=pdt,
+                rngs=rngs,
+            )
+        )
 
     def embed_tokens(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
         """tokens, positions [B, T] -> [B, T, d]: token (+ absolute position) embeddings."""
@@ -317,8 +379,13 @@ class Transformer(nnx.Module):
         table = self.embed.embedding[...].astype(x.dtype)  # tied output embedding [V, d]
         return jnp.einsum("btd,vd->btv", x, table, preferred_element_type=jnp.float32)
 
-    def __call__(self, tokens: jax.Array, *, lengths: jax.Array | None = None,
-                 positions: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self,
+        tokens: jax.Array,
+        *,
+        lengths: jax.Array | None = None,
+        positions: jax.Array | None = None,
+    ) -> jax.Array:
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [batch, seq_len], got shape {tokens.shape}")
         b, t = tokens.shape
@@ -326,15 +393,17 @@ class Transformer(nnx.Module):
             raise ValueError(
                 f"sequence length {t} exceeds the absolute position table "
                 f"(ModelConfig.max_len={self.cfg.max_len}); learned/sinusoidal absolute PE "
-                "cannot extrapolate")
+                "cannot extrapolate"
+            )
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         x = self.embed_tokens(tokens, positions)
         rel_table, cope_table = self.shared_tables()
 
         def run_block(block: Block, x: jax.Array) -> jax.Array:
-            return block(x, positions=positions, lengths=lengths, rel_table=rel_table,
-                         cope_table=cope_table)
+            return block(
+                x, positions=positions, lengths=lengths, rel_table=rel_table, cope_table=cope_table
+            )
 
         if self.cfg.remat:
             run_block = nnx.remat(run_block)

@@ -26,8 +26,9 @@ class KVCache:
     lengths: jax.Array  # [batch] int32, valid entries per row
 
     @classmethod
-    def create(cls, model_cfg: ModelConfig, batch: int, max_len: int,
-               dtype: jnp.dtype | str | None = None) -> KVCache:
+    def create(
+        cls, model_cfg: ModelConfig, batch: int, max_len: int, dtype: jnp.dtype | str | None = None
+    ) -> KVCache:
         """An empty cache (all lengths 0) for `model_cfg`; dtype defaults to the compute dtype."""
         if not isinstance(batch, int) or batch < 1:
             raise ValueError(f"KVCache.create: batch must be a positive int, got {batch!r}")
@@ -41,8 +42,12 @@ class KVCache:
             return tuple(jnp.zeros(shape, dtype) for _ in range(layers))
 
         sep = model_cfg.spec.cope and model_cfg.cope_sep_key
-        return cls(k=empty(), v=empty(), gate_k=empty() if sep else None,
-                   lengths=jnp.zeros((batch,), jnp.int32))
+        return cls(
+            k=empty(),
+            v=empty(),
+            gate_k=empty() if sep else None,
+            lengths=jnp.zeros((batch,), jnp.int32),
+        )
 
     @property
     def batch(self) -> int:

@@ -40,9 +40,15 @@ def _content_logits(q: jax.Array, k: jax.Array) -> jax.Array:
     return logits.reshape(b, h, t, k.shape[1])
 
 
-def scaled_logits(attn: Attention, q: jax.Array, k: jax.Array, gate_k: jax.Array | None,
-                  mask: jax.Array, rel_table: jax.Array | None,
-                  cope_table: jax.Array | None) -> jax.Array:
+def scaled_logits(
+    attn: Attention,
+    q: jax.Array,
+    k: jax.Array,
+    gate_k: jax.Array | None,
+    mask: jax.Array,
+    rel_table: jax.Array | None,
+    cope_table: jax.Array | None,
+) -> jax.Array:
     """The pre-softmax logits [B, H, T, S] float32 the layer's softmax sees (scale included)."""
     spec = attn.cfg.spec
     scale = q.shape[-1] ** -0.5
@@ -50,8 +56,16 @@ def scaled_logits(attn: Attention, q: jax.Array, k: jax.Array, gate_k: jax.Array
     if spec.relative:
         bias = F.relative_logits(q, rel_table, k.shape[1])
     if spec.cope:
-        return F.cope_logits(q, k, cope_table_of(attn, cope_table), mask, scale=scale,
-                             nodiv=attn.cfg.cope_nodiv, gate_k=gate_k, bias=bias)
+        return F.cope_logits(
+            q,
+            k,
+            cope_table_of(attn, cope_table),
+            mask,
+            scale=scale,
+            nodiv=attn.cfg.cope_nodiv,
+            gate_k=gate_k,
+            bias=bias,
+        )
     logits = _content_logits(q, k)
     if bias is not None:
         logits = logits + bias
@@ -73,17 +87,28 @@ def _quantiles_jit(graphdef, state, tokens, lengths, *, quantiles):
         logits = scaled_logits(attn, q, k, gate_k, mask, rel_table, shared_cope)
         valid = jnp.where(mask, logits, jnp.nan)  # [B, H, T, T]
         stats.append(jnp.nanquantile(valid, jnp.asarray(quantiles, jnp.float32)))
-        out = attn.attend(q, k, v, gate_k, causal=True, lengths=lengths, rel_table=rel_table,
-                          cope_table=shared_cope)
+        out = attn.attend(
+            q,
+            k,
+            v,
+            gate_k,
+            causal=True,
+            lengths=lengths,
+            rel_table=rel_table,
+            cope_table=shared_cope,
+        )
         return attn.out(out.reshape(b, t, -1))
 
     run_layers(model, x, attention)
     return jnp.stack(stats)  # [L, Q]
 
 
-def logit_quantiles(model: Transformer, prompts: jax.Array, lengths: jax.Array | None = None,
-                    quantiles: tuple[float, ...] = (1 - DEFAULT_QUANTILE, DEFAULT_QUANTILE)
-                    ) -> jax.Array:
+def logit_quantiles(
+    model: Transformer,
+    prompts: jax.Array,
+    lengths: jax.Array | None = None,
+    quantiles: tuple[float, ...] = (1 - DEFAULT_QUANTILE, DEFAULT_QUANTILE),
+) -> jax.Array:
     """Quantiles of each layer's scaled attention logits over valid pairs -> [L, len(q)]."""
     quantiles = tuple(float(q) for q in quantiles)
     if not quantiles or not all(0 <= q <= 1 for q in quantiles):
@@ -93,8 +118,13 @@ def logit_quantiles(model: Transformer, prompts: jax.Array, lengths: jax.Array |
     return _quantiles_jit(graphdef, state, prompts, lengths, quantiles=quantiles)
 
 
-def calibrate(model: Transformer, prompts: jax.Array, lengths: jax.Array | None = None, *,
-              quantile: float = DEFAULT_QUANTILE) -> jax.Array:
+def calibrate(
+    model: Transformer,
+    prompts: jax.Array,
+    lengths: jax.Array | None = None,
+    *,
+    quantile: float = DEFAULT_QUANTILE,
+) -> jax.Array:
     """φ per layer for `generate(..., softmax="unified_max", phi=...)`.
 
     Args:
@@ -109,4 +139,3 @@ def calibrate(model: Transformer, prompts: jax.Array, lengths: jax.Array | None 
     if not 0 < quantile <= 1:
         raise ValueError(f"quantile must be in (0, 1], got {quantile!r}")
     return logit_quantiles(model, prompts, lengths, (quantile,))[:, 0]
-

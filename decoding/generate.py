@@ -41,19 +41,25 @@ def _key(seed) -> jax.Array:
     return seed
 
 
-def _check_generation(cfg: ModelConfig, prompts, lengths, max_new_tokens, max_len, eos_id,
-                      pad_id, sampler) -> tuple[jax.Array, jax.Array, int, int]:
+def _check_generation(
+    cfg: ModelConfig, prompts, lengths, max_new_tokens, max_len, eos_id, pad_id, sampler
+) -> tuple[jax.Array, jax.Array, int, int]:
     """Validates everything `generate` takes; returns (prompts, lengths, max_len, pad_id)."""
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) \
-            or max_new_tokens < 1:
+    if (
+        not isinstance(max_new_tokens, int)
+        or isinstance(max_new_tokens, bool)
+        or max_new_tokens < 1
+    ):
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     for name, value in (("eos_id", eos_id), ("pad_id", pad_id)):
         if value is not None and (not isinstance(value, int) or not 0 <= value < cfg.vocab_size):
-            raise ValueError(f"{name} must be None or an int in [0, {cfg.vocab_size}), "
-                             f"got {value!r}")
+            raise ValueError(
+                f"{name} must be None or an int in [0, {cfg.vocab_size}), got {value!r}"
+            )
     if not callable(sampler):
-        raise ValueError(f"sampler must be a function (key, logits [B, V]) -> ids [B], "
-                         f"got {sampler!r}")
+        raise ValueError(
+            f"sampler must be a function (key, logits [B, V]) -> ids [B], got {sampler!r}"
+        )
     t = jnp.shape(prompts)[-1] if jnp.ndim(prompts) == 2 else 0
     if max_len is None:
         max_len = t + max_new_tokens
@@ -62,11 +68,15 @@ def _check_generation(cfg: ModelConfig, prompts, lengths, max_new_tokens, max_le
     if not isinstance(lengths, jax.core.Tracer):
         longest = int(jnp.max(lengths))
     if longest + max_new_tokens > max_len:
-        raise ValueError(f"generation past max_len: a prompt of length {longest} plus "
-                         f"max_new_tokens={max_new_tokens} exceeds the cache (max_len={max_len})")
+        raise ValueError(
+            f"generation past max_len: a prompt of length {longest} plus "
+            f"max_new_tokens={max_new_tokens} exceeds the cache (max_len={max_len})"
+        )
     if cfg.spec.absolute and longest + max_new_tokens > cfg.max_len:
-        raise ValueError(f"generation past the absolute position table: prompt length {longest} "
-                         f"+ max_new_tokens={max_new_tokens} > ModelConfig.max_len={cfg.max_len}")
+        raise ValueError(
+            f"generation past the absolute position table: prompt length {longest} "
+            f"+ max_new_tokens={max_new_tokens} > ModelConfig.max_len={cfg.max_len}"
+        )
     pad_id = (eos_id if eos_id is not None else 0) if pad_id is None else pad_id
     return prompts, lengths, max_len, pad_id
 
@@ -75,8 +85,9 @@ def _num_steps(num_steps, max_new_tokens: int) -> jax.Array:
     if num_steps is None:
         num_steps = max_new_tokens
     if isinstance(num_steps, int) and not 1 <= num_steps <= max_new_tokens:
-        raise ValueError(f"num_steps must be in [1, max_new_tokens={max_new_tokens}], "
-                         f"got {num_steps}")
+        raise ValueError(
+            f"num_steps must be in [1, max_new_tokens={max_new_tokens}], got {num_steps}"
+        )
     return jnp.asarray(num_steps, jnp.int32)
 
 
@@ -87,8 +98,15 @@ class _Emit(NamedTuple):
     count: jax.Array  # [B] int32
 
 
-def _emit(step: jax.Array, logits: jax.Array, state: _Emit, key: jax.Array, sampler: Sampler,
-          eos_id: int | None, pad_id: int) -> _Emit:
+def _emit(
+    step: jax.Array,
+    logits: jax.Array,
+    state: _Emit,
+    key: jax.Array,
+    sampler: Sampler,
+    eos_id: int | None,
+    pad_id: int,
+) -> _Emit:
     """Samples token number `step` of every row from logits [B, V]; finished rows emit pad."""
     tokens = sampler(jax.random.fold_in(key, step), logits).astype(jnp.int32)
     tokens = jnp.where(state.finished, pad_id, tokens)
@@ -101,19 +119,41 @@ def _emit(step: jax.Array, logits: jax.Array, state: _Emit, key: jax.Array, samp
 
 
 def _start(batch: int, max_new_tokens: int, pad_id: int) -> _Emit:
-    return _Emit(tokens=jnp.zeros((batch,), jnp.int32), finished=jnp.zeros((batch,), bool),
-                 out=jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
-                 count=jnp.zeros((batch,), jnp.int32))
+    return _Emit(
+        tokens=jnp.zeros((batch,), jnp.int32),
+        finished=jnp.zeros((batch,), bool),
+        out=jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
+        count=jnp.zeros((batch,), jnp.int32),
+    )
 
 
-@functools.partial(jax.jit, static_argnums=(0,), static_argnames=(
-    "max_new_tokens", "max_len", "sampler", "eos_id", "pad_id", "impl", "softmax"))
-def _generate_jit(graphdef, state, prompts, lengths, key, phi, num_steps, *, max_new_tokens,
-                  max_len, sampler, eos_id, pad_id, impl, softmax):
+@functools.partial(
+    jax.jit,
+    static_argnums=(0,),
+    static_argnames=("max_new_tokens", "max_len", "sampler", "eos_id", "pad_id", "impl", "softmax"),
+)
+def _generate_jit(
+    graphdef,
+    state,
+    prompts,
+    lengths,
+    key,
+    phi,
+    num_steps,
+    *,
+    max_new_tokens,
+    max_len,
+    sampler,
+    eos_id,
+    pad_id,
+    impl,
+    softmax,
+):
     model = merge_model(graphdef, state)
     logits, cache = prefill_fn(model, prompts, lengths, max_len, last_only=True)
-    emitted = _emit(0, logits, _start(prompts.shape[0], max_new_tokens, pad_id), key, sampler,
-                    eos_id, pad_id)
+    emitted = _emit(
+        0, logits, _start(prompts.shape[0], max_new_tokens, pad_id), key, sampler, eos_id, pad_id
+    )
 
     def cond(carry) -> jax.Array:
         step, _, emitted = carry
@@ -122,19 +162,31 @@ def _generate_jit(graphdef, state, prompts, lengths, key, phi, num_steps, *, max
     def body(carry):
         step, cache, emitted = carry
         # The token just emitted is fed back; rows that finished (EOS) stop growing.
-        logits, cache = decode_fn(model, cache, emitted.tokens, ~emitted.finished, impl=impl,
-                                  softmax=softmax, phi=phi)
+        logits, cache = decode_fn(
+            model, cache, emitted.tokens, ~emitted.finished, impl=impl, softmax=softmax, phi=phi
+        )
         return step + 1, cache, _emit(step, logits, emitted, key, sampler, eos_id, pad_id)
 
     _, _, emitted = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, emitted))
     return Generation(emitted.out, emitted.count, emitted.finished)
 
 
-def generate(model: Transformer, prompts: jax.Array, lengths: jax.Array | None = None, *,
-             max_new_tokens: int, sampler: Sampler | None = None, eos_id: int | None = None,
-             pad_id: int | None = None, seed: int | jax.Array = 0, max_len: int | None = None,
-             decode_impl: str = "auto", softmax: str = "unified_max", phi=None,
-             num_steps: int | jax.Array | None = None) -> Generation:
+def generate(
+    model: Transformer,
+    prompts: jax.Array,
+    lengths: jax.Array | None = None,
+    *,
+    max_new_tokens: int,
+    sampler: Sampler | None = None,
+    eos_id: int | None = None,
+    pad_id: int | None = None,
+    seed: int | jax.Array = 0,
+    max_len: int | None = None,
+    decode_impl: str = "auto",
+    softmax: str = "unified_max",
+    phi=None,
+    num_steps: int | jax.Array | None = None,
+) -> Generation:
     """Generates up to `max_new_tokens` per row on device: prefill, then a `lax.while_loop` of
     jitted decode steps (no per-token Python).
 
@@ -164,21 +216,35 @@ def generate(model: Transformer, prompts: jax.Array, lengths: jax.Array | None =
     cfg = model.cfg
     sampler = greedy() if sampler is None else sampler
     prompts, lengths, max_len, pad_id = _check_generation(
-        cfg, prompts, lengths, max_new_tokens, max_len, eos_id, pad_id, sampler)
+        cfg, prompts, lengths, max_new_tokens, max_len, eos_id, pad_id, sampler
+    )
     impl = resolve_decode_impl(cfg, decode_impl)
     check_softmax(softmax)
     graphdef, state = split_model(model)
-    return _generate_jit(graphdef, state, prompts, lengths, _key(seed),
-                         as_phi(phi, cfg.num_layers), _num_steps(num_steps, max_new_tokens),
-                         max_new_tokens=max_new_tokens,
-                         max_len=max_len, sampler=sampler, eos_id=eos_id, pad_id=pad_id,
-                         impl=impl, softmax=softmax)
+    return _generate_jit(
+        graphdef,
+        state,
+        prompts,
+        lengths,
+        _key(seed),
+        as_phi(phi, cfg.num_layers),
+        _num_steps(num_steps, max_new_tokens),
+        max_new_tokens=max_new_tokens,
+        max_len=max_len,
+        sampler=sampler,
+        eos_id=eos_id,
+        pad_id=pad_id,
+        impl=impl,
+        softmax=softmax,
+    )
 
 
-@functools.partial(jax.jit, static_argnums=(0,), static_argnames=(
-    "max_new_tokens", "sampler", "eos_id", "pad_id"))
-def _generate_uncached_jit(graphdef, state, prompts, lengths, key, num_steps, *, max_new_tokens,
-                           sampler, eos_id, pad_id):
+@functools.partial(
+    jax.jit, static_argnums=(0,), static_argnames=("max_new_tokens", "sampler", "eos_id", "pad_id")
+)
+def _generate_uncached_jit(
+    graphdef, state, prompts, lengths, key, num_steps, *, max_new_tokens, sampler, eos_id, pad_id
+):
     model = merge_model(graphdef, state)
     b, t = prompts.shape
     width = t + max_new_tokens
@@ -191,12 +257,20 @@ def _generate_uncached_jit(graphdef, state, prompts, lengths, key, num_steps, *,
         # to the last valid position, as [B, T + N, V] float32 logits would not fit at B = 64.
         x = model.embed_tokens(buffer, positions)
         for block in model.blocks:
-            x = block(x, positions=positions, lengths=lengths, rel_table=rel_table,
-                      cope_table=cope_table)
+            x = block(
+                x, positions=positions, lengths=lengths, rel_table=rel_table, cope_table=cope_table
+            )
         return model.head(last_valid(x, lengths)[:, None])[:, 0]  # [B, V]
 
-    emitted = _emit(0, next_logits(buffer, lengths), _start(b, max_new_tokens, pad_id), key,
-                    sampler, eos_id, pad_id)
+    emitted = _emit(
+        0,
+        next_logits(buffer, lengths),
+        _start(b, max_new_tokens, pad_id),
+        key,
+        sampler,
+        eos_id,
+        pad_id,
+    )
 
     def cond(carry) -> jax.Array:
         step, _, _, emitted = carry
@@ -206,21 +280,28 @@ def _generate_uncached_jit(graphdef, state, prompts, lengths, key, num_steps, *,
         step, buffer, lengths, emitted = carry
         advance = ~emitted.finished
         buffer = buffer.at[jnp.arange(b), lengths].set(
-            jnp.where(advance, emitted.tokens, buffer[jnp.arange(b), lengths]), mode="drop")
+            jnp.where(advance, emitted.tokens, buffer[jnp.arange(b), lengths]), mode="drop"
+        )
         lengths = lengths + advance.astype(jnp.int32)
         logits = next_logits(buffer, lengths)
-        return step + 1, buffer, lengths, _emit(step, logits, emitted, key, sampler, eos_id,
-                                                pad_id)
+        return step + 1, buffer, lengths, _emit(step, logits, emitted, key, sampler, eos_id, pad_id)
 
     _, _, _, emitted = jax.lax.while_loop(cond, body, (jnp.int32(1), buffer, lengths, emitted))
     return Generation(emitted.out, emitted.count, emitted.finished)
 
 
-def generate_uncached(model: Transformer, prompts: jax.Array, lengths: jax.Array | None = None,
-                      *, max_new_tokens: int, sampler: Sampler | None = None,
-                      eos_id: int | None = None, pad_id: int | None = None,
-                      seed: int | jax.Array = 0,
-                      num_steps: int | jax.Array | None = None) -> Generation:
+def generate_uncached(
+    model: Transformer,
+    prompts: jax.Array,
+    lengths: jax.Array | None = None,
+    *,
+    max_new_tokens: int,
+    sampler: Sampler | None = None,
+    eos_id: int | None = None,
+    pad_id: int | None = None,
+    seed: int | jax.Array = 0,
+    num_steps: int | jax.Array | None = None,
+) -> Generation:
     """The no-cache baseline: every step re-runs the full model over a [B, T + max_new_tokens]
     buffer (static shape, causal, `lengths` masking the unwritten tail) and samples at each
     row's last valid position. Same arguments and output as `generate`; per-step cost is
@@ -229,12 +310,23 @@ def generate_uncached(model: Transformer, prompts: jax.Array, lengths: jax.Array
     cfg = model.cfg
     sampler = greedy() if sampler is None else sampler
     prompts, lengths, _, pad_id = _check_generation(
-        cfg, prompts, lengths, max_new_tokens, None, eos_id, pad_id, sampler)
+        cfg, prompts, lengths, max_new_tokens, None, eos_id, pad_id, sampler
+    )
     if cfg.spec.absolute and prompts.shape[1] + max_new_tokens > cfg.max_len:
-        raise ValueError(f"the buffer of {prompts.shape[1]} + {max_new_tokens} tokens exceeds "
-                         f"the absolute position table (ModelConfig.max_len={cfg.max_len})")
+        raise ValueError(
+            f"the buffer of {prompts.shape[1]} + {max_new_tokens} tokens exceeds "
+            f"the absolute position table (ModelConfig.max_len={cfg.max_len})"
+        )
     graphdef, state = split_model(model)
-    return _generate_uncached_jit(graphdef, state, prompts, lengths, _key(seed),
-                                  _num_steps(num_steps, max_new_tokens),
-                                  max_new_tokens=max_new_tokens, sampler=sampler, eos_id=eos_id,
-                                  pad_id=pad_id)
+    return _generate_uncached_jit(
+        graphdef,
+        state,
+        prompts,
+        lengths,
+        _key(seed),
+        _num_steps(num_steps, max_new_tokens),
+        max_new_tokens=max_new_tokens,
+        sampler=sampler,
+        eos_id=eos_id,
+        pad_id=pad_id,
+    )

@@ -42,8 +42,9 @@ def last_valid(x: jax.Array, lengths: jax.Array) -> jax.Array:
     return jnp.take_along_axis(x, index, axis=1)[:, 0]
 
 
-def run_layers(model: Transformer, x: jax.Array, attention: AttentionFn,
-               head_at: jax.Array | None = None) -> jax.Array:
+def run_layers(
+    model: Transformer, x: jax.Array, attention: AttentionFn, head_at: jax.Array | None = None
+) -> jax.Array:
     """Runs every block on x [B, T, d] with `attention` as the attention sublayer -> logits.
 
     The residual/norm wiring is the model's own (`Block.residual`), so only attention differs
@@ -73,13 +74,19 @@ def resolve_decode_impl(cfg: ModelConfig, decode_impl: str) -> str:
     """
     if decode_impl not in DECODE_IMPLS:
         raise ValueError(f"decode_impl must be one of {DECODE_IMPLS}, got {decode_impl!r}")
-    kernel_ok = (not cfg.spec.needs_bias and cfg.dtype in _KERNEL_DTYPES
-                 and cfg.head_dim >= 16 and cfg.head_dim & (cfg.head_dim - 1) == 0)
+    kernel_ok = (
+        not cfg.spec.needs_bias
+        and cfg.dtype in _KERNEL_DTYPES
+        and cfg.head_dim >= 16
+        and cfg.head_dim & (cfg.head_dim - 1) == 0
+    )
     if decode_impl == "auto":
         return "pallas" if kernel_ok else "xla"
     if decode_impl == "pallas" and cfg.spec.needs_bias:
-        raise ValueError(f"decode_impl='pallas' needs an encoding without a logit term "
-                         f"(none/absolute/sinusoidal/rope), got {cfg.encoding!r}; use 'xla'")
+        raise ValueError(
+            f"decode_impl='pallas' needs an encoding without a logit term "
+            f"(none/absolute/sinusoidal/rope), got {cfg.encoding!r}; use 'xla'"
+        )
     return decode_impl
 
 
@@ -96,8 +103,9 @@ def as_phi(phi, num_layers: int) -> jax.Array | None:
     if phi.ndim == 0:
         phi = jnp.broadcast_to(phi, (num_layers,))
     if phi.shape != (num_layers,):
-        raise ValueError(f"phi must be a scalar or [num_layers]=({num_layers},), "
-                         f"got shape {phi.shape}")
+        raise ValueError(
+            f"phi must be a scalar or [num_layers]=({num_layers},), got shape {phi.shape}"
+        )
     return phi
 
 
@@ -108,13 +116,16 @@ def _concrete(x) -> np.ndarray | None:
     return np.asarray(x)
 
 
-def check_prompts(cfg: ModelConfig, tokens: jax.Array, lengths: jax.Array | None,
-                  max_len: int | None) -> tuple[jax.Array, jax.Array, int]:
+def check_prompts(
+    cfg: ModelConfig, tokens: jax.Array, lengths: jax.Array | None, max_len: int | None
+) -> tuple[jax.Array, jax.Array, int]:
     """Validates prompts [B, T] and lengths [B]; returns (tokens, lengths int32, max_len)."""
     tokens = jnp.asarray(tokens)
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-        raise ValueError(f"prompts must be an integer [batch, seq_len] array, "
-                         f"got {tokens.dtype} shape {tokens.shape}")
+        raise ValueError(
+            f"prompts must be an integer [batch, seq_len] array, "
+            f"got {tokens.dtype} shape {tokens.shape}"
+        )
     b, t = tokens.shape
     if t < 1:
         raise ValueError(f"prompts must hold at least one token, got shape {tokens.shape}")
@@ -125,27 +136,41 @@ def check_prompts(cfg: ModelConfig, tokens: jax.Array, lengths: jax.Array | None
     if t > max_len:
         raise ValueError(f"prompts of length {t} do not fit a cache of max_len={max_len}")
     if cfg.spec.absolute and t > cfg.max_len:
-        raise ValueError(f"prompt length {t} exceeds the absolute position table "
-                         f"(ModelConfig.max_len={cfg.max_len})")
+        raise ValueError(
+            f"prompt length {t} exceeds the absolute position table "
+            f"(ModelConfig.max_len={cfg.max_len})"
+        )
     if lengths is None:
         lengths = jnp.full((b,), t, jnp.int32)
     lengths = jnp.asarray(lengths)
     if lengths.shape != (b,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
-        raise ValueError(f"lengths must be an integer [batch]=({b},) array, "
-                         f"got {lengths.dtype} shape {lengths.shape}")
+        raise ValueError(
+            f"lengths must be an integer [batch]=({b},) array, "
+            f"got {lengths.dtype} shape {lengths.shape}"
+        )
     values = _concrete(lengths)
     if values is not None and (values.min() < 1 or values.max() > t):
-        raise ValueError(f"lengths must be in [1, {t}] (the prompt width), "
-                         f"got min {values.min()} max {values.max()}")
+        raise ValueError(
+            f"lengths must be in [1, {t}] (the prompt width), "
+            f"got min {values.min()} max {values.max()}"
+        )
     ids = _concrete(tokens)
     if ids is not None and (ids.min() < 0 or ids.max() >= cfg.vocab_size):
-        raise ValueError(f"prompt token ids must be in [0, {cfg.vocab_size}), "
-                         f"got min {ids.min()} max {ids.max()}")
+        raise ValueError(
+            f"prompt token ids must be in [0, {cfg.vocab_size}), "
+            f"got min {ids.min()} max {ids.max()}"
+        )
     return tokens.astype(jnp.int32), lengths.astype(jnp.int32), max_len
 
 
-def prefill_fn(model: Transformer, tokens: jax.Array, lengths: jax.Array, max_len: int, *,
-               last_only: bool = False) -> tuple[jax.Array, KVCache]:
+def prefill_fn(
+    model: Transformer,
+    tokens: jax.Array,
+    lengths: jax.Array,
+    max_len: int,
+    *,
+    last_only: bool = False,
+) -> tuple[jax.Array, KVCache]:
     """Traceable prefill: tokens [B, T], lengths [B] -> (logits [B, T, V], cache); with
     `last_only` the logits are [B, V], those of each row's last prompt token."""
     b, t = tokens.shape
@@ -160,8 +185,16 @@ def prefill_fn(model: Transformer, tokens: jax.Array, lengths: jax.Array, max_le
         vs.append(v)
         gks.append(gate_k)
         # The model's own attention call: the configured impl (flash kernel when "pallas").
-        out = attn.attend(q, k, v, gate_k, causal=True, lengths=lengths, rel_table=rel_table,
-                          cope_table=shared_cope)  # [B, T, H, D]
+        out = attn.attend(
+            q,
+            k,
+            v,
+            gate_k,
+            causal=True,
+            lengths=lengths,
+            rel_table=rel_table,
+            cope_table=shared_cope,
+        )  # [B, T, H, D]
         return attn.out(out.reshape(b, t, -1))
 
     logits = run_layers(model, x, attention, head_at=lengths if last_only else None)
@@ -169,14 +202,25 @@ def prefill_fn(model: Transformer, tokens: jax.Array, lengths: jax.Array, max_le
     def pad(x: jax.Array) -> jax.Array:  # [B, T, K, D] -> [B, max_len, K, D]
         return jnp.pad(x, ((0, 0), (0, max_len - t), (0, 0), (0, 0)))
 
-    cache = KVCache(k=tuple(map(pad, ks)), v=tuple(map(pad, vs)),
-                    gate_k=None if gks[0] is None else tuple(map(pad, gks)),
-                    lengths=lengths)
+    cache = KVCache(
+        k=tuple(map(pad, ks)),
+        v=tuple(map(pad, vs)),
+        gate_k=None if gks[0] is None else tuple(map(pad, gks)),
+        lengths=lengths,
+    )
     return logits, cache
 
 
-def decode_fn(model: Transformer, cache: KVCache, tokens: jax.Array, advance: jax.Array, *,
-              impl: str, softmax: str, phi: jax.Array | None) -> tuple[jax.Array, KVCache]:
+def decode_fn(
+    model: Transformer,
+    cache: KVCache,
+    tokens: jax.Array,
+    advance: jax.Array,
+    *,
+    impl: str,
+    softmax: str,
+    phi: jax.Array | None,
+) -> tuple[jax.Array, KVCache]:
     """Traceable decode step for one new token per row.
 
     tokens [B] are written at index cache.lengths[b] (their absolute position) in every layer;
@@ -202,21 +246,36 @@ def decode_fn(model: Transformer, cache: KVCache, tokens: jax.Array, advance: ja
         if gks is not None:
             gks[i] = gks[i].at[rows, pos].set(gate_k[:, 0], mode="drop")
         if impl == "pallas":
-            out = decode_attention(q[:, 0], ks[i], vs[i], new_lengths, softmax=softmax,
-                                   phi=None if phi is None else phi[i])[:, None]
+            out = decode_attention(
+                q[:, 0],
+                ks[i],
+                vs[i],
+                new_lengths,
+                softmax=softmax,
+                phi=None if phi is None else phi[i],
+            )[:, None]
         elif attn.cfg.spec.needs_bias:
             # One query against all cached keys: `causal=False, lengths` is the mask, and the
             # relative term places the query at pos[b]; CoPE recomputes gates over the cache.
-            out = attn.attend(q, ks[i], vs[i], None if gks is None else gks[i], causal=False,
-                              lengths=new_lengths, rel_table=rel_table, cope_table=shared_cope,
-                              q_offset=pos)
+            out = attn.attend(
+                q,
+                ks[i],
+                vs[i],
+                None if gks is None else gks[i],
+                causal=False,
+                lengths=new_lengths,
+                rel_table=rel_table,
+                cope_table=shared_cope,
+                q_offset=pos,
+            )
         else:
             out = F.attention(q, ks[i], vs[i], causal=False, lengths=new_lengths, impl="xla")
         return attn.out(out.reshape(b, 1, -1))  # [B, 1, d]
 
     logits = run_layers(model, x, attention)[:, 0]  # [B, V]
-    cache = KVCache(k=tuple(ks), v=tuple(vs), gate_k=None if gks is None else tuple(gks),
-                    lengths=new_lengths)
+    cache = KVCache(
+        k=tuple(ks), v=tuple(vs), gate_k=None if gks is None else tuple(gks), lengths=new_lengths
+    )
     return logits, cache
 
 
@@ -227,12 +286,18 @@ def _prefill_jit(graphdef, state, tokens, lengths, *, max_len):
 
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("impl", "softmax"))
 def _decode_jit(graphdef, state, cache, tokens, advance, phi, *, impl, softmax):
-    return decode_fn(merge_model(graphdef, state), cache, tokens, advance, impl=impl,
-                     softmax=softmax, phi=phi)
+    return decode_fn(
+        merge_model(graphdef, state), cache, tokens, advance, impl=impl, softmax=softmax, phi=phi
+    )
 
 
-def prefill(model: Transformer, tokens: jax.Array, lengths: jax.Array | None = None, *,
-            max_len: int | None = None) -> tuple[jax.Array, KVCache]:
+def prefill(
+    model: Transformer,
+    tokens: jax.Array,
+    lengths: jax.Array | None = None,
+    *,
+    max_len: int | None = None,
+) -> tuple[jax.Array, KVCache]:
     """One forward pass over right-padded prompts that also fills a KV cache.
 
     Args:
@@ -250,9 +315,15 @@ def prefill(model: Transformer, tokens: jax.Array, lengths: jax.Array | None = N
     return _prefill_jit(graphdef, state, tokens, lengths, max_len=max_len)
 
 
-def decode_step(model: Transformer, cache: KVCache, tokens: jax.Array, *,
-                decode_impl: str = "auto", softmax: str = "unified_max",
-                phi=None) -> tuple[jax.Array, KVCache]:
+def decode_step(
+    model: Transformer,
+    cache: KVCache,
+    tokens: jax.Array,
+    *,
+    decode_impl: str = "auto",
+    softmax: str = "unified_max",
+    phi=None,
+) -> tuple[jax.Array, KVCache]:
     """Appends one token per row to the cache and returns the next-token logits.
 
     Args:
@@ -272,18 +343,32 @@ def decode_step(model: Transformer, cache: KVCache, tokens: jax.Array, *,
     check_softmax(softmax)
     tokens = jnp.asarray(tokens)
     if tokens.shape != (cache.batch,) or not jnp.issubdtype(tokens.dtype, jnp.integer):
-        raise ValueError(f"tokens must be an integer [batch]=({cache.batch},) array, "
-                         f"got {tokens.dtype} shape {tokens.shape}")
+        raise ValueError(
+            f"tokens must be an integer [batch]=({cache.batch},) array, "
+            f"got {tokens.dtype} shape {tokens.shape}"
+        )
     if cache.num_layers != cfg.num_layers:
         raise ValueError(f"cache has {cache.num_layers} layers, the model {cfg.num_layers}")
     lengths = _concrete(cache.lengths)
     if lengths is not None and lengths.max() >= cache.max_len:
-        raise ValueError(f"cannot decode past the cache: a row holds {lengths.max()} entries "
-                         f"and max_len={cache.max_len}")
+        raise ValueError(
+            f"cannot decode past the cache: a row holds {lengths.max()} entries "
+            f"and max_len={cache.max_len}"
+        )
     if lengths is not None and cfg.spec.absolute and lengths.max() >= cfg.max_len:
-        raise ValueError(f"position {lengths.max()} exceeds the absolute position table "
-                         f"(ModelConfig.max_len={cfg.max_len})")
+        raise ValueError(
+            f"position {lengths.max()} exceeds the absolute position table "
+            f"(ModelConfig.max_len={cfg.max_len})"
+        )
     graphdef, state = split_model(model)
     advance = jnp.ones((cache.batch,), bool)
-    return _decode_jit(graphdef, state, cache, tokens.astype(jnp.int32), advance,
-                       as_phi(phi, cfg.num_layers), impl=impl, softmax=softmax)
+    return _decode_jit(
+        graphdef,
+        state,
+        cache,
+        tokens.astype(jnp.int32),
+        advance,
+        as_phi(phi, cfg.num_layers),
+        impl=impl,
+        softmax=softmax,
+    )

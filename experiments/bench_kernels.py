@@ -13,9 +13,12 @@ BENCHES = {
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("bench", choices=sorted(BENCHES))
-    parser.add_argument("--out", default=None,
-                        help="output prefix for .json/.md/.png (default: experiments/results/"
-                        "bench_<bench>_<device>)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output prefix for .json/.md/.png (default: experiments/results/"
+        "bench_<bench>_<device>)",
+    )
     parser.add_argument("--iters", type=int, default=20, help="timed runs per measurement")
     parser.add_argument("--quick", action="store_true", help="small shapes, for a CPU smoke run")
     args = parser.parse_args(argv)

@@ -47,26 +47,36 @@ def time_variant(config_spec: str, overrides: list[str], steps: int, warmup: int
     elapsed = run(warmup, steps)
     tokens = bs * task.seq_len(task.train_split)
     ms = 1e3 * elapsed / steps
-    return {"config": config_spec, "encoding": config.model.encoding, "batch": bs,
-            "seq_len": task.seq_len(task.train_split), "ms_per_batch": ms,
-            "tokens_per_s": tokens / (ms / 1e3), "dtype": config.model.dtype}
+    return {
+        "config": config_spec,
+        "encoding": config.model.encoding,
+        "batch": bs,
+        "seq_len": task.seq_len(task.train_split),
+        "ms_per_batch": ms,
+        "tokens_per_s": tokens / (ms / 1e3),
+        "dtype": config.model.dtype,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--config", default="configs/counting.py",
-                        help="config file; each variant is appended as :<variant>")
+    parser.add_argument(
+        "--config",
+        default="configs/counting.py",
+        help="config file; each variant is appended as :<variant>",
+    )
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--steps", type=int, default=50, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--override", action="append", default=[],
-                        help="config override field=value (repeatable)")
+    parser.add_argument(
+        "--override", action="append", default=[], help="config override field=value (repeatable)"
+    )
     parser.add_argument("--out", default=None, help="output prefix for .json and .md")
     args = parser.parse_args(argv)
 
     device = jax.devices()[0].device_kind
     records = []
-    print(f"| variant | ms/batch | tokens/s | official ms/batch | speed-up vs official |")
+    print("| variant | ms/batch | tokens/s | official ms/batch | speed-up vs official |")
     print("|---|---|---|---|---|")
     lines = []
     for variant in args.variants.split(","):
@@ -76,20 +86,24 @@ def main(argv: list[str] | None = None) -> None:
         r["speedup_vs_official"] = official / r["ms_per_batch"] if official else None
         records.append(r)
         speedup = f"{r['speedup_vs_official']:.1f}×" if official else "n/a"
-        line = (f"| {variant} | {r['ms_per_batch']:.2f} | {r['tokens_per_s']:,.0f} | "
-                f"{official or 'n/a'} | {speedup} |")
+        line = (
+            f"| {variant} | {r['ms_per_batch']:.2f} | {r['tokens_per_s']:,.0f} | "
+            f"{official or 'n/a'} | {speedup} |"
+        )
         lines.append(line)
         print(line, flush=True)
     if args.out:
         prefix = Path(args.out)
         prefix.parent.mkdir(parents=True, exist_ok=True)
         prefix.with_suffix(".json").write_text(json.dumps(records, indent=1))
-        header = (f"# Training speed ({args.config}, batch {records[0]['batch']} x "
-                  f"{records[0]['seq_len']} tokens, {records[0]['dtype']})\n\nDevice: {device}, "
-                  f"jax {jax.__version__}. Command: `python -m experiments.bench_train "
-                  f"--config {args.config} --steps {args.steps}`\n\n"
-                  "| variant | ms/batch | tokens/s | official ms/batch | speed-up vs official |\n"
-                  "|---|---|---|---|---|\n")
+        header = (
+            f"# Training speed ({args.config}, batch {records[0]['batch']} x "
+            f"{records[0]['seq_len']} tokens, {records[0]['dtype']})\n\nDevice: {device}, "
+            f"jax {jax.__version__}. Command: `python -m experiments.bench_train "
+            f"--config {args.config} --steps {args.steps}`\n\n"
+            "| variant | ms/batch | tokens/s | official ms/batch | speed-up vs official |\n"
+            "|---|---|---|---|---|\n"
+        )
         prefix.with_suffix(".md").write_text(header + "\n".join(lines) + "\n")
 
 

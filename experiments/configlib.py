@@ -43,8 +43,7 @@ def _parse_value(field: str, text: str, current):
             raise ValueError
         return value
     except (ValueError, SyntaxError):
-        raise ValueError(
-            f"config field {field} expects {kind.__name__}, got {text!r}") from None
+        raise ValueError(f"config field {field} expects {kind.__name__}, got {text!r}") from None
 
 
 def apply_override(config: ml_collections.ConfigDict, assignment: str) -> None:
@@ -81,7 +80,7 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     while i < len(argv):
         arg = argv[i]
         if arg.startswith("--config."):
-            body = arg[len("--config."):]
+            body = arg[len("--config.") :]
             if "=" not in body:
                 if i + 1 >= len(argv):
                     raise ValueError(f"config override {arg} has no value")

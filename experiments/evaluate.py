@@ -27,8 +27,9 @@ def load_run_config(workdir: Path) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
-def evaluate_run(workdir: str | Path, *, num_examples: int | None = None,
-                 splits: tuple[str, ...] | None = None) -> dict:
+def evaluate_run(
+    workdir: str | Path, *, num_examples: int | None = None, splits: tuple[str, ...] | None = None
+) -> dict:
     """Restores the newest readable checkpoint of `workdir` and evaluates it."""
     workdir = Path(workdir)
     config = load_run_config(workdir)
@@ -41,18 +42,27 @@ def evaluate_run(workdir: str | Path, *, num_examples: int | None = None,
     if restored is None:
         raise ValueError(f"no readable checkpoint in {workdir / 'checkpoints'}")
     step, ts.state, _ = restored
-    final = evaluate(task, ts, make_eval_step(ts), config,
-                     num_examples or config.eval.final_num_examples, splits)
-    return {"task": config.task.name, "encoding": model_cfg.encoding, "step": step,
-            "in_distribution_split": task.splits[1] if len(task.splits) > 1 else task.splits[0],
-            "final": final}
+    final = evaluate(
+        task, ts, make_eval_step(ts), config, num_examples or config.eval.final_num_examples, splits
+    )
+    return {
+        "task": config.task.name,
+        "encoding": model_cfg.encoding,
+        "step": step,
+        "in_distribution_split": task.splits[1] if len(task.splits) > 1 else task.splits[0],
+        "final": final,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--workdir", required=True)
-    parser.add_argument("--num_examples", type=int, default=None,
-                        help="examples per split (default: the config's final_num_examples)")
+    parser.add_argument(
+        "--num_examples",
+        type=int,
+        default=None,
+        help="examples per split (default: the config's final_num_examples)",
+    )
     parser.add_argument("--splits", default=None, help="comma-separated splits (default: all)")
     args = parser.parse_args(argv)
     try:

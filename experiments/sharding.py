@@ -6,7 +6,8 @@ import os
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 
 def maybe_initialize_distributed() -> None:
@@ -63,6 +64,6 @@ def global_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[
     out = {}
     for name, value in batch.items():
         rows = value.shape[0] // n
-        local = value[jax.process_index() * rows:(jax.process_index() + 1) * rows]
+        local = value[jax.process_index() * rows : (jax.process_index() + 1) * rows]
         out[name] = jax.make_array_from_process_local_data(sharding, local, value.shape)
     return out

@@ -40,9 +40,14 @@ def paper_reference(results: dict, options: dict) -> str:
 
 
 def summarize(root: Path, names: list[str]) -> tuple[list[dict], str]:
-    rows, lines = [], [
-        "| run | encoding | steps | split: token error % (sequence error %) | paper (%) | "
-        "ms/batch | tokens/s |", "|---|---|---|---|---|---|---|"]
+    rows, lines = (
+        [],
+        [
+            "| run | encoding | steps | split: token error % (sequence error %) | paper (%) | "
+            "ms/batch | tokens/s |",
+            "|---|---|---|---|---|---|---|",
+        ],
+    )
     for name in names:
         path = root / name / "results.json"
         if not path.exists():
@@ -50,15 +55,21 @@ def summarize(root: Path, names: list[str]) -> tuple[list[dict], str]:
             continue
         results = json.loads(path.read_text())
         config = json.loads((root / name / "config.json").read_text())
-        errors = ", ".join(f"{split}: {100 * m['token_error']:.2f} ({100 * m['sequence_error']:.1f})"
-                           for split, m in results["final"].items() if split != "train")
+        errors = ", ".join(
+            f"{split}: {100 * m['token_error']:.2f} ({100 * m['sequence_error']:.1f})"
+            for split, m in results["final"].items()
+            if split != "train"
+        )
         ref = paper_reference(results, config["task"]["options"])
         ms = results.get("ms_per_batch")
         tps = results.get("tokens_per_s")
-        lines.append(f"| {name} | {results['encoding']} | {results['steps']} | {errors} | {ref} | "
-                     f"{ms:.1f} | {tps:,.0f} |" if ms else
-                     f"| {name} | {results['encoding']} | {results['steps']} | {errors} | {ref} "
-                     "| n/a | n/a |")
+        lines.append(
+            f"| {name} | {results['encoding']} | {results['steps']} | {errors} | {ref} | "
+            f"{ms:.1f} | {tps:,.0f} |"
+            if ms
+            else f"| {name} | {results['encoding']} | {results['steps']} | {errors} | {ref} "
+            "| n/a | n/a |"
+        )
         rows.append({"run": name, **results})
     return rows, "\n".join(lines)
 
@@ -67,8 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--root", required=True)
     parser.add_argument("--config", action="append", required=True)
-    parser.add_argument("--override", action="append", default=[],
-                        help="field=value applied to every run (repeatable)")
+    parser.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        help="field=value applied to every run (repeatable)",
+    )
     args = parser.parse_args(argv)
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
@@ -76,8 +91,17 @@ def main(argv: list[str] | None = None) -> int:
     procs = []
     start = time.time()
     for spec, name in zip(args.config, names):
-        cmd = [sys.executable, "-m", "experiments.train", "--config", spec, "--workdir",
-               str(root / name), "--no-progress", *(f"--config.{o}" for o in args.override)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "experiments.train",
+            "--config",
+            spec,
+            "--workdir",
+            str(root / name),
+            "--no-progress",
+            *(f"--config.{o}" for o in args.override),
+        ]
         env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
         (root / name).mkdir(parents=True, exist_ok=True)
         log = (root / name / "log.txt").open("w")
@@ -90,11 +114,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: exit {code} after {time.time() - start:.0f} s", flush=True)
     rows, table = summarize(root, names)
     command = "python -m experiments.sweep --root {} {} {}".format(
-        args.root, " ".join(f"--config {c}" for c in args.config),
-        " ".join(f"--override {o}" for o in args.override))
+        args.root,
+        " ".join(f"--config {c}" for c in args.config),
+        " ".join(f"--override {o}" for o in args.override),
+    )
     device = rows[0]["device"] if rows else "?"
-    md = (f"# Runs beside the CoPE paper\n\nDevice: {device} (runs share it as {len(names)} "
-          f"processes, so ms/batch is under sharing). Command: `{command}`\n\n{table}\n")
+    md = (
+        f"# Runs beside the CoPE paper\n\nDevice: {device} (runs share it as {len(names)} "
+        f"processes, so ms/batch is under sharing). Command: `{command}`\n\n{table}\n"
+    )
     (root / "summary.md").write_text(md)
     (root / "summary.json").write_text(json.dumps(rows, indent=1))
     print(md)

@@ -13,7 +13,6 @@ import json
 import math
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,21 +52,24 @@ def build_model_config(config: ml_collections.ConfigDict, task: Task) -> ModelCo
     for name in OPTIONAL_MODEL_INTS:
         if fields.get(name) == 0:
             fields[name] = None
-    return ModelConfig.from_dict(fields | dict(vocab_size=task.vocab_size,
-                                               max_len=task.max_seq_len))
+    return ModelConfig.from_dict(
+        fields | dict(vocab_size=task.vocab_size, max_len=task.max_seq_len)
+    )
 
 
 def learning_rate_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
     """Linear warm-up then constant or cosine decay to 10% of the peak."""
     if train.schedule not in ("constant", "cosine"):
-        raise ValueError(f"config field train.schedule must be 'constant' or 'cosine', "
-                         f"got {train.schedule!r}")
+        raise ValueError(
+            f"config field train.schedule must be 'constant' or 'cosine', got {train.schedule!r}"
+        )
     warmup = max(int(train.warmup_steps), 0)
     if train.schedule == "constant":
         main = optax.constant_schedule(train.learning_rate)
     else:
-        main = optax.cosine_decay_schedule(train.learning_rate,
-                                           max(train.steps - warmup, 1), alpha=0.1)
+        main = optax.cosine_decay_schedule(
+            train.learning_rate, max(train.steps - warmup, 1), alpha=0.1
+        )
     if warmup == 0:
         return main
     ramp = optax.linear_schedule(0.0, train.learning_rate, warmup)
@@ -80,11 +82,13 @@ def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransforma
     if train.optimizer == "adam":
         tx = optax.adam(schedule, b1=train.b1, b2=train.b2, eps=train.eps)
     elif train.optimizer == "adamw":
-        tx = optax.adamw(schedule, b1=train.b1, b2=train.b2, eps=train.eps,
-                         weight_decay=train.weight_decay)
+        tx = optax.adamw(
+            schedule, b1=train.b1, b2=train.b2, eps=train.eps, weight_decay=train.weight_decay
+        )
     else:
-        raise ValueError(f"config field train.optimizer must be 'adam' or 'adamw', "
-                         f"got {train.optimizer!r}")
+        raise ValueError(
+            f"config field train.optimizer must be 'adam' or 'adamw', got {train.optimizer!r}"
+        )
     if train.grad_clip > 0:
         tx = optax.chain(optax.clip_by_global_norm(train.grad_clip), tx)
     return tx
@@ -113,8 +117,9 @@ class TrainState:
         return model
 
 
-def init_train_state(config: ml_collections.ConfigDict, model_cfg: ModelConfig,
-                     devices: list | None = None) -> TrainState:
+def init_train_state(
+    config: ml_collections.ConfigDict, model_cfg: ModelConfig, devices: list | None = None
+) -> TrainState:
     seed = config.train.seed
     model = Transformer(model_cfg, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
     optimizer = nnx.Optimizer(model, make_optimizer(config.train), wrt=nnx.Param)
@@ -169,16 +174,23 @@ def make_eval_step(ts: TrainState):
     return lambda state, batch: step(state, ts.rng_state, batch)
 
 
-def evaluate(task: Task, ts: TrainState, eval_step, config: ml_collections.ConfigDict,
-             num_examples: int, splits: tuple[str, ...] | None = None) -> dict[str, dict]:
+def evaluate(
+    task: Task,
+    ts: TrainState,
+    eval_step,
+    config: ml_collections.ConfigDict,
+    num_examples: int,
+    splits: tuple[str, ...] | None = None,
+) -> dict[str, dict]:
     """Error rates and loss on every split: {split: {token_error, sequence_error, loss, ...}}."""
     batch_sharding = sharding.batch_sharding(ts.mesh)
     results = {}
     for split in splits or task.splits:
         counts, nll, scored = [], 0.0, 0.0
         size = min(num_examples, task.num_examples(split))  # fixed splits cap the count
-        for batch in task.eval_batches(split, config.eval.batch_size, seed=config.eval.seed,
-                                       num_examples=size):
+        for batch in task.eval_batches(
+            split, config.eval.batch_size, seed=config.eval.seed, num_examples=size
+        ):
             preds, total, count = eval_step(ts.state, sharding.global_batch(batch, batch_sharding))
             counts.append(task.error_counts(np.asarray(preds), batch))
             nll, scored = nll + float(total), scored + float(count)
@@ -198,8 +210,11 @@ class MetricsLog:
     def __init__(self, workdir: Path, resume_step: int):
         self.path = workdir / "metrics.jsonl"
         if self.path.exists():  # drop records past the checkpoint we resume from
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            kept = [
+                line
+                for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= resume_step
+            ]
             self.path.write_text("".join(line + "\n" for line in kept))
         self.file = self.path.open("a")
         self.writer = None
@@ -240,14 +255,21 @@ def check_run_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
     current = json.loads(config.to_json_best_effort())
     if path.exists():
         saved = json.loads(path.read_text())
-        resumable = {"train": {"steps", "eval_every", "log_every", "checkpoint_every"},
-                     "eval": {"num_examples", "final_num_examples", "batch_size"}}
-        differ = [k for k in _flatten(saved).keys() | _flatten(current).keys()
-                  if _flatten(saved).get(k) != _flatten(current).get(k)
-                  and k.split("/")[-1] not in resumable.get(k.split("/")[0], set())]
+        resumable = {
+            "train": {"steps", "eval_every", "log_every", "checkpoint_every"},
+            "eval": {"num_examples", "final_num_examples", "batch_size"},
+        }
+        differ = [
+            k
+            for k in _flatten(saved).keys() | _flatten(current).keys()
+            if _flatten(saved).get(k) != _flatten(current).get(k)
+            and k.split("/")[-1] not in resumable.get(k.split("/")[0], set())
+        ]
         if differ:
-            raise ValueError(f"{workdir} holds a run with a different config ({', '.join(sorted(differ)[:5])}"
-                             "); use a new --workdir or the same config to resume")
+            raise ValueError(
+                f"{workdir} holds a run with a different config ({', '.join(sorted(differ)[:5])}"
+                "); use a new --workdir or the same config to resume"
+            )
     path.write_text(json.dumps(current, indent=2))
 
 
@@ -260,8 +282,13 @@ def interval_steps(every: int, total: int) -> set[int]:
 # ---------------------------------------------------------------------------------------------
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *,
-                       devices: list | None = None, progress: bool = True) -> dict[str, Any]:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    *,
+    devices: list | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Trains (or resumes) the run in `workdir` and returns the final results.
 
     Everything about the run is in `workdir`: config.json, metrics.jsonl, tensorboard/,
@@ -297,13 +324,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     pending: list[jax.Array] = []  # losses not yet fetched: no host sync between log steps
     interval_start, interval_steps_done, rates = time.perf_counter(), 0, []
     last_eval: dict[str, dict] = {}
-    bar = tqdm(total=train_cfg.steps, initial=start_step, disable=not progress,
-               desc=f"{config.task.name}/{model_cfg.encoding}", dynamic_ncols=True)
+    bar = tqdm(
+        total=train_cfg.steps,
+        initial=start_step,
+        disable=not progress,
+        desc=f"{config.task.name}/{model_cfg.encoding}",
+        dynamic_ncols=True,
+    )
     try:
         for step in range(start_step, train_cfg.steps):
             batch = task.train_batch(train_cfg.seed, step, train_cfg.batch_size)
-            ts.state, loss = train_step(ts.state, sharding.global_batch(batch, batch_sharding),
-                                        jnp.int32(step))
+            ts.state, loss = train_step(
+                ts.state, sharding.global_batch(batch, batch_sharding), jnp.int32(step)
+            )
             pending.append(loss)
             interval_steps_done += 1
             done = step + 1
@@ -317,23 +350,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
                     raise TrainingDiverged(
                         f"loss became {losses[~np.isfinite(losses)][0]} at step {bad}; stopped. "
                         f"Last good checkpoint: "
-                        f"{workdir / 'checkpoints' / str(kept[-1]) if kept else 'none'}")
+                        f"{workdir / 'checkpoints' / str(kept[-1]) if kept else 'none'}"
+                    )
                 tokens_per_s = tokens_per_batch * interval_steps_done / elapsed
                 if step > start_step + interval_steps_done:  # skip the compiling interval
                     rates.append(tokens_per_s)
-                record = {"train": {"loss": float(losses.mean()), "lr": float(schedule(step)),
-                                    "tokens_per_s": tokens_per_s,
-                                    "ms_per_batch": 1e3 * elapsed / interval_steps_done}}
+                record = {
+                    "train": {
+                        "loss": float(losses.mean()),
+                        "lr": float(schedule(step)),
+                        "tokens_per_s": tokens_per_s,
+                        "ms_per_batch": 1e3 * elapsed / interval_steps_done,
+                    }
+                }
                 log.write(done, record)
-                bar.set_postfix(loss=f"{losses.mean():.4f}",
-                                err=f"{last_eval.get(in_dist, {}).get('token_error', float('nan')):.4f}")
+                bar.set_postfix(
+                    loss=f"{losses.mean():.4f}",
+                    err=f"{last_eval.get(in_dist, {}).get('token_error', float('nan')):.4f}",
+                )
                 if done in ckpt_steps:
                     checkpoints.save(done, ts.state, {"step": done})
                 if done in eval_steps and done != train_cfg.steps:
                     last_eval = evaluate(task, ts, eval_step, config, config.eval.num_examples)
                     log.write(done, {"eval": last_eval})
-                    bar.set_postfix(loss=f"{losses.mean():.4f}",
-                                    err=f"{last_eval[in_dist]['token_error']:.4f}")
+                    bar.set_postfix(
+                        loss=f"{losses.mean():.4f}", err=f"{last_eval[in_dist]['token_error']:.4f}"
+                    )
                 interval_start, interval_steps_done = time.perf_counter(), 0
             bar.update(1)
     finally:
@@ -365,16 +407,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
 
 def format_results(results: dict[str, Any]) -> str:
     """A short table: error per split, token and sequence level, in percent."""
-    lines = [f"{results['task']} / {results['encoding']}: final errors (%)",
-             f"{'split':>12} {'token':>8} {'sequence':>9} {'loss':>8}"]
+    lines = [
+        f"{results['task']} / {results['encoding']}: final errors (%)",
+        f"{'split':>12} {'token':>8} {'sequence':>9} {'loss':>8}",
+    ]
     for split, m in results["final"].items():
         marker = "  (in-distribution)" if split == results["in_distribution_split"] else ""
-        lines.append(f"{split:>12} {100 * m['token_error']:8.2f} {100 * m['sequence_error']:9.2f} "
-                     f"{m['loss']:8.4f}{marker}")
+        lines.append(
+            f"{split:>12} {100 * m['token_error']:8.2f} {100 * m['sequence_error']:9.2f} "
+            f"{m['loss']:8.4f}{marker}"
+        )
     if results.get("tokens_per_s"):
-        lines.append(f"throughput: {results['tokens_per_s']:,.0f} tokens/s "
-                     f"({results['ms_per_batch']:.1f} ms/batch) on {results['num_devices']} x "
-                     f"{results['device']}")
+        lines.append(
+            f"throughput: {results['tokens_per_s']:,.0f} tokens/s "
+            f"({results['ms_per_batch']:.1f} ms/batch) on {results['num_devices']} x "
+            f"{results['device']}"
+        )
     return "\n".join(lines)
 
 
@@ -383,10 +431,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides, rest = split_overrides(argv)
         parser = argparse.ArgumentParser(
-            description=__doc__, epilog="Override any config field with --config.<field>=<value>, "
-            "e.g. --config.train.steps=2000.")
-        parser.add_argument("--config", required=True,
-                            help="configs/<task>.py:<variant>[,<option>...]")
+            description=__doc__,
+            epilog="Override any config field with --config.<field>=<value>, "
+            "e.g. --config.train.steps=2000.",
+        )
+        parser.add_argument(
+            "--config", required=True, help="configs/<task>.py:<variant>[,<option>...]"
+        )
         parser.add_argument("--workdir", required=True, help="run directory (resumed if it exists)")
         parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
         args = parser.parse_args(rest)

@@ -1,4 +1,4 @@
-"""Flash-attention microbenchmark: ours vs XLA, cuDNN, jax's Pallas kernels and tokamax, on one GPU."""
+"""Flash-attention microbenchmark: ours vs XLA, cuDNN, jax's Pallas kernels and tokamax."""
 
 from __future__ import annotations
 
@@ -21,8 +21,10 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)
 OURS = "ours"
 # attention_mgpu is timed with each of these (block_q, block_kv, max_concurrent_steps) and the
 # best is kept ("best of a few TuningConfigs").
-MGPU_CONFIGS = {128: ((64, 128, 2), (64, 64, 2), (128, 64, 2)),
-                64: ((64, 128, 2), (128, 128, 2), (128, 128, 3))}
+MGPU_CONFIGS = {
+    128: ((64, 128, 2), (64, 64, 2), (128, 64, 2)),
+    64: ((64, 128, 2), (128, 128, 2), (128, 128, 3)),
+}
 
 
 def _inputs(shape: AttentionShape, dtype, seed: int):
@@ -44,19 +46,32 @@ def _impls(causal: bool, head_dim: int, interpret: bool) -> dict[str, tuple[Call
         except Exception as e:  # noqa: BLE001 - a missing peer must not kill the run
             impls[name] = (e, dtype)
 
-    impls[OURS] = (functools.partial(flash_attention, causal=causal, interpret=interpret),
-                   jnp.bfloat16)
+    impls[OURS] = (
+        functools.partial(flash_attention, causal=causal, interpret=interpret),
+        jnp.bfloat16,
+    )
     if interpret:
-        impls["ours (triton)"] = (functools.partial(flash_attention, causal=causal,
-                                                    interpret=True, backend="triton"),
-                                  jnp.bfloat16)
+        impls["ours (triton)"] = (
+            functools.partial(flash_attention, causal=causal, interpret=True, backend="triton"),
+            jnp.bfloat16,
+        )
         return impls
-    impls["ours (triton)"] = (functools.partial(flash_attention, causal=causal,
-                                                backend="triton"), jnp.bfloat16)
-    add("xla", lambda: functools.partial(jax.nn.dot_product_attention, is_causal=causal,
-                                         implementation="xla"))
-    add("cudnn", lambda: functools.partial(jax.nn.dot_product_attention, is_causal=causal,
-                                           implementation="cudnn"))
+    impls["ours (triton)"] = (
+        functools.partial(flash_attention, causal=causal, backend="triton"),
+        jnp.bfloat16,
+    )
+    add(
+        "xla",
+        lambda: functools.partial(
+            jax.nn.dot_product_attention, is_causal=causal, implementation="xla"
+        ),
+    )
+    add(
+        "cudnn",
+        lambda: functools.partial(
+            jax.nn.dot_product_attention, is_causal=causal, implementation="cudnn"
+        ),
+    )
 
     def jax_triton():
         from jax.experimental.pallas.ops.gpu import attention
@@ -69,21 +84,23 @@ def _impls(causal: bool, head_dim: int, interpret: bool) -> dict[str, tuple[Call
         from jax.experimental.pallas.ops.gpu import attention_mgpu
 
         bq, bkv, steps = config
-        cfg = attention_mgpu.TuningConfig(block_q=bq, block_kv=bkv, max_concurrent_steps=steps,
-                                          causal=causal)
+        cfg = attention_mgpu.TuningConfig(
+            block_q=bq, block_kv=bkv, max_concurrent_steps=steps, causal=causal
+        )
         # attention_mgpu applies no scale: fold it into q.
-        return lambda q, k, v: attention_mgpu.attention(q * jnp.asarray(scale, q.dtype), k, v,
-                                                        cfg)
+        return lambda q, k, v: attention_mgpu.attention(q * jnp.asarray(scale, q.dtype), k, v, cfg)
 
     for config in MGPU_CONFIGS[head_dim]:
         add(f"jax mgpu fp16 {config}", functools.partial(jax_mgpu, config), jnp.float16)
 
     for impl in ("triton", "mosaic"):
+
         def build(impl=impl):
             import tokamax
 
-            return functools.partial(tokamax.dot_product_attention, is_causal=causal,
-                                     implementation=impl)
+            return functools.partial(
+                tokamax.dot_product_attention, is_causal=causal, implementation=impl
+            )
 
         add(f"tokamax {impl}", build)
     return impls
@@ -115,11 +132,27 @@ def _fwd_bwd(fn: Callable) -> Callable:
     return jax.grad(loss, argnums=(0, 1, 2))
 
 
-def _measure(name, fn, dtype, shape: AttentionShape, causal: bool, pass_: str, iters: int,
-             device: str, ref_out) -> Record:
+def _measure(
+    name,
+    fn,
+    dtype,
+    shape: AttentionShape,
+    causal: bool,
+    pass_: str,
+    iters: int,
+    device: str,
+    ref_out,
+) -> Record:
     flops = shape.flops(causal) * (3.5 if pass_ == "fwd+bwd" else 1.0)
-    rec = Record(kernel="attention", impl=name, shape=shape.name, causal=causal, pass_=pass_,
-                 ms=None, device=device)
+    rec = Record(
+        kernel="attention",
+        impl=name,
+        shape=shape.name,
+        causal=causal,
+        pass_=pass_,
+        ms=None,
+        device=device,
+    )
     if isinstance(fn, Exception):
         rec.error = f"{type(fn).__name__}: {fn}"[:300]
         return rec
@@ -131,8 +164,10 @@ def _measure(name, fn, dtype, shape: AttentionShape, causal: bool, pass_: str, i
             args = [x[:3] for x in inputs]
             if ref_out is not None:  # sanity check of every impl against one reference output
                 out = jitted(*[x.astype(dtype) for x in ref_out[0]])
-                err = float(jnp.linalg.norm((out.astype(jnp.float32) - ref_out[1]).ravel())
-                            / jnp.linalg.norm(ref_out[1].ravel()))
+                err = float(
+                    jnp.linalg.norm((out.astype(jnp.float32) - ref_out[1]).ravel())
+                    / jnp.linalg.norm(ref_out[1].ravel())
+                )
                 if not err < 2e-2:
                     rec.error = f"wrong output: rel err {err:.3g} vs reference"
                     return rec
@@ -172,7 +207,7 @@ def _best_of(records: list[Record], prefix: str, name: str) -> list[Record]:
         best = min(ok, key=lambda r: r.ms) if ok else rs[0]
         if ok:
             best.error = None
-        best.impl = f"{name} {best.impl[len(prefix):].strip()}" if ok else name
+        best.impl = f"{name} {best.impl[len(prefix) :].strip()}" if ok else name
         keep.append(best)
     return keep
 
@@ -186,10 +221,14 @@ def run(out: str | None = None, iters: int = 20, quick: bool = False) -> list[Re
         ref_out = _reference_output(shape, causal, interpret) if pass_ == "fwd" else None
         for name, (fn, dtype) in _impls(causal, shape.head_dim, interpret).items():
             rec = _measure(name, fn, dtype, shape, causal, pass_, iters, device, ref_out)
-            status = (f"{rec.ms:8.3f} ms {rec.tflops:6.1f} TFLOP/s" if rec.ms is not None
-                      else f"ERROR {rec.error}")
-            print(f"{shape.name:24s} causal={causal!s:5s} {pass_:7s} {name:28s} {status}",
-                  flush=True)
+            status = (
+                f"{rec.ms:8.3f} ms {rec.tflops:6.1f} TFLOP/s"
+                if rec.ms is not None
+                else f"ERROR {rec.error}"
+            )
+            print(
+                f"{shape.name:24s} causal={causal!s:5s} {pass_:7s} {name:28s} {status}", flush=True
+            )
             records.append(rec)
     records = _best_of(records, "jax mgpu fp16", "jax mgpu fp16")
     for r in records:  # one impl name per column in the table
@@ -198,8 +237,13 @@ def run(out: str | None = None, iters: int = 20, quick: bool = False) -> list[Re
     if out is None:
         tag = "cpu" if interpret else device.lower().replace("nvidia ", "").split()[0]
         out = f"experiments/results/bench_attention_{tag}"
-    write_outputs(records, out, metric="tflops", ours=OURS,
-                  title="Flash attention, bf16 (jax mgpu: fp16), TFLOP/s")
+    write_outputs(
+        records,
+        out,
+        metric="tflops",
+        ours=OURS,
+        title="Flash attention, bf16 (jax mgpu: fp16), TFLOP/s",
+    )
     return records
 
 
@@ -219,17 +263,30 @@ def sweep(iters: int = 10) -> None:
         for causal in (True, False):
             for bq, bk, w, s in fwd[d]:
                 cfg = TritonConfig(block_q=bq, block_k=bk, num_warps=w, num_stages=s)
-                fn = functools.partial(flash_attention, causal=causal, backend="triton",
-                                       config=cfg)
+                fn = functools.partial(flash_attention, causal=causal, backend="triton", config=cfg)
                 r = _measure("sweep", fn, jnp.bfloat16, shape, causal, "fwd", iters, "", None)
-                print(f"SWEEP fwd {shape.name} causal={causal} {(bq, bk, w, s)} "
-                      f"{r.tflops or 0:.1f} TFLOP/s {r.error or ''}", flush=True)
+                print(
+                    f"SWEEP fwd {shape.name} causal={causal} {(bq, bk, w, s)} "
+                    f"{r.tflops or 0:.1f} TFLOP/s {r.error or ''}",
+                    flush=True,
+                )
         for bq, bk, w, s in bwd:
-            base = TritonConfig(block_q=128, block_k=64, num_warps=8 if d == 128 else 4,
-                                num_stages=3)
-            cfg = dataclasses.replace(base, block_q_dq=bq, block_k_dq=bk, block_q_dkv=bq,
-                                      block_k_dkv=bk, num_warps_bwd=w, num_stages_bwd=s)
+            base = TritonConfig(
+                block_q=128, block_k=64, num_warps=8 if d == 128 else 4, num_stages=3
+            )
+            cfg = dataclasses.replace(
+                base,
+                block_q_dq=bq,
+                block_k_dq=bk,
+                block_q_dkv=bq,
+                block_k_dkv=bk,
+                num_warps_bwd=w,
+                num_stages_bwd=s,
+            )
             fn = functools.partial(flash_attention, causal=True, backend="triton", config=cfg)
             r = _measure("sweep", fn, jnp.bfloat16, shape, True, "fwd+bwd", iters, "", None)
-            print(f"SWEEP fwd+bwd {shape.name} causal=True {(bq, bk, w, s)} "
-                  f"{r.tflops or 0:.1f} TFLOP/s {r.error or ''}", flush=True)
+            print(
+                f"SWEEP fwd+bwd {shape.name} causal=True {(bq, bk, w, s)} "
+                f"{r.tflops or 0:.1f} TFLOP/s {r.error or ''}",
+                flush=True,
+            )

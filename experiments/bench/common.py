@@ -69,7 +69,7 @@ def print_table(records: Sequence[Record], metric: str, ours: str) -> str:
         for impl in impls:
             r = row.get(impl)
             value = getattr(r, metric) if r is not None else None
-            cells.append("n/a" if r is None else (f"err" if value is None else f"{value:.0f}"))
+            cells.append("n/a" if r is None else ("err" if value is None else f"{value:.0f}"))
             if value is None:
                 continue
             if impl == ours:
@@ -83,8 +83,9 @@ def print_table(records: Sequence[Record], metric: str, ours: str) -> str:
     return table
 
 
-def write_outputs(records: Sequence[Record], out_prefix: str | Path, metric: str, ours: str,
-                  title: str) -> None:
+def write_outputs(
+    records: Sequence[Record], out_prefix: str | Path, metric: str, ours: str, title: str
+) -> None:
     """Writes `<prefix>.json` (records), `<prefix>.md` (table) and `<prefix>.png` (bar chart)."""
     import matplotlib
 
@@ -109,11 +110,14 @@ def write_outputs(records: Sequence[Record], out_prefix: str | Path, metric: str
     for i, impl in enumerate(impls):
         vals = []
         for key in keys:
-            r = next((r for r in records if (r.shape, r.causal, r.pass_) == key and r.impl == impl),
-                     None)
+            r = next(
+                (r for r in records if (r.shape, r.causal, r.pass_) == key and r.impl == impl), None
+            )
             vals.append(getattr(r, metric) or 0.0 if r is not None else 0.0)
         ax.bar(np.arange(len(keys)) + i * width, vals, width, label=impl)
-    labels = [f"{s}\n{'causal' if c else ('full' if c is not None else '')} {p}" for s, c, p in keys]
+    labels = [
+        f"{s}\n{'causal' if c else ('full' if c is not None else '')} {p}" for s, c, p in keys
+    ]
     ax.set_xticks(np.arange(len(keys)) + 0.4 - width / 2, labels, fontsize=7)
     ax.set_ylabel(metric)
     ax.set_title(f"{title} ({device})")

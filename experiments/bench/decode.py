@@ -64,17 +64,26 @@ def make_inputs(shape: DecodeShape, dtype=jnp.bfloat16, seed: int = 0):
     return q, k, v, lengths
 
 
-def _ours(mode: str, config: DecodeConfig | None = None, interpret: bool | None = None,
-          fallback: str = "kernel"):
-    return jax.jit(lambda q, k, v, n: decode_attention(q, k, v, n, softmax=mode, config=config,
-                                                       fallback=fallback, interpret=interpret))
+def _ours(
+    mode: str,
+    config: DecodeConfig | None = None,
+    interpret: bool | None = None,
+    fallback: str = "kernel",
+):
+    return jax.jit(
+        lambda q, k, v, n: decode_attention(
+            q, k, v, n, softmax=mode, config=config, fallback=fallback, interpret=interpret
+        )
+    )
 
 
 def _jax_nn(implementation: str):
     def fn(q, k, v, lengths):
-        out = jax.nn.dot_product_attention(q[:, None], k, v, implementation=implementation,
-                                           key_value_seq_lengths=lengths)
+        out = jax.nn.dot_product_attention(
+            q[:, None], k, v, implementation=implementation, key_value_seq_lengths=lengths
+        )
         return out[:, 0]
+
     return jax.jit(fn)
 
 
@@ -88,17 +97,30 @@ def _tokamax(implementation: str, split_k: int | None = None):
     import tokamax
 
     if split_k is None:
-        return jax.jit(lambda q, k, v, n: tokamax.dot_product_attention(
-            q[:, None], k, v, implementation=implementation)[:, 0])
+        return jax.jit(
+            lambda q, k, v, n: tokamax.dot_product_attention(
+                q[:, None], k, v, implementation=implementation
+            )[:, 0]
+        )
     from tokamax._src.ops.attention import api as tk_api
     from tokamax._src.ops.attention import base as tk_base
     from tokamax._src.ops.attention import pallas_mosaic_gpu_kernel_sm90 as sm90
 
-    op = tk_api.IMPLEMENTATIONS["mosaic_gpu"].replace(config=sm90.Config(
-        block_q=64, block_kv=128, num_stages=2, fold_q_sequence_heads=True, split_k=split_k,
-        persistent=False))
-    return jax.jit(lambda q, k, v, n: op(q[:, None], k, v, mask=tk_base.Mask(None),
-                                         logits_scale=tk_base.AUTO)[:, 0])
+    op = tk_api.IMPLEMENTATIONS["mosaic_gpu"].replace(
+        config=sm90.Config(
+            block_q=64,
+            block_kv=128,
+            num_stages=2,
+            fold_q_sequence_heads=True,
+            split_k=split_k,
+            persistent=False,
+        )
+    )
+    return jax.jit(
+        lambda q, k, v, n: op(q[:, None], k, v, mask=tk_base.Mask(None), logits_scale=tk_base.AUTO)[
+            :, 0
+        ]
+    )
 
 
 def _check(out, ref) -> str | None:
@@ -110,10 +132,18 @@ def _check(out, ref) -> str | None:
     return None if err < 2e-2 else f"relative error {err:.2e} vs reference"
 
 
-def _measure(name: str, make: Callable, args, ref, shape: DecodeShape, iters: int,
-             device: str) -> Record:
-    rec = Record(kernel="decode_attention", impl=name, shape=shape.name, causal=None,
-                 pass_="decode", ms=None, device=device)
+def _measure(
+    name: str, make: Callable, args, ref, shape: DecodeShape, iters: int, device: str
+) -> Record:
+    rec = Record(
+        kernel="decode_attention",
+        impl=name,
+        shape=shape.name,
+        causal=None,
+        pass_="decode",
+        ms=None,
+        device=device,
+    )
     try:
         fn = make()
         rec.error = _check(fn(*args), ref)
@@ -132,35 +162,48 @@ def _best(records: list[Record]) -> Record | None:
     return max(ok, key=lambda r: r.gbps) if ok else None
 
 
-def bench_shape(shape: DecodeShape, iters: int, quick: bool, device: str,
-                tune_ours: bool = True) -> list[Record]:
+def bench_shape(
+    shape: DecodeShape, iters: int, quick: bool, device: str, tune_ours: bool = True
+) -> list[Record]:
     args = make_inputs(shape)
     ref = decode_attention_reference(*args)
     on_gpu = jax.default_backend() == "gpu"
     records = []
-    measure = lambda name, make: _measure(name, make, args, ref, shape, iters, device)
+    measure = lambda name, make: _measure(name, make, args, ref, shape, iters, device)  # noqa: F821 (args is deleted only after every call)
     records.append(measure("xla", lambda: _jax_nn("xla")))
     if on_gpu:
         records.append(measure("cudnn", lambda: _jax_nn("cudnn")))
-        tries = [measure(f"pallas-gqa k_splits={s}", lambda s=s: _pallas_gqa(s))
-                 for s in PALLAS_K_SPLITS
-                 if shape.max_len % s == 0 and (shape.max_len // s) % 128 == 0]
+        tries = [
+            measure(f"pallas-gqa k_splits={s}", lambda s=s: _pallas_gqa(s))
+            for s in PALLAS_K_SPLITS
+            if shape.max_len % s == 0 and (shape.max_len // s) % 128 == 0
+        ]
         records.append(_pick(tries, "jax-pallas-gqa"))
-        tk = [measure("tokamax-mosaic", lambda: _tokamax("mosaic")),
-              measure("tokamax-triton", lambda: _tokamax("triton"))]
-        tk += [measure(f"tokamax-mosaic split_k={s}", lambda s=s: _tokamax("mosaic", s))
-               for s in (4, 16) if shape.max_len % (128 * s) == 0]
+        tk = [
+            measure("tokamax-mosaic", lambda: _tokamax("mosaic")),
+            measure("tokamax-triton", lambda: _tokamax("triton")),
+        ]
+        tk += [
+            measure(f"tokamax-mosaic split_k={s}", lambda s=s: _tokamax("mosaic", s))
+            for s in (4, 16)
+            if shape.max_len % (128 * s) == 0
+        ]
         records.append(_pick(tk, "tokamax"))
     config = None
     if on_gpu and tune_ours:
         config, tuned, default = tune(shape, args)
         _TUNED[shape.name] = (config, tuned, default)
     for mode in MODES:
-        records.append(measure(f"ours-{mode}", lambda mode=mode: _ours(
-            mode, config, interpret=None if on_gpu else True)))
+        records.append(
+            measure(
+                f"ours-{mode}",
+                lambda mode=mode: _ours(mode, config, interpret=None if on_gpu else True),
+            )
+        )
     if on_gpu:  # the issue's row-level lax.cond fallback, for comparison (not counted as ours)
-        records.append(measure("ours-unified_max-cond", lambda: _ours(
-            "unified_max", config, fallback="cond")))
+        records.append(
+            measure("ours-unified_max-cond", lambda: _ours("unified_max", config, fallback="cond"))
+        )
     del args
     return records
 
@@ -170,8 +213,13 @@ def _pick(tries: list[Record], name: str) -> Record:
     notes printed by `run`)."""
     best = _best(tries)
     if best is None:
-        rec = dataclasses.replace(tries[0], impl=name) if tries else Record(
-            kernel="decode_attention", impl=name, shape="", causal=None, pass_="decode", ms=None)
+        rec = (
+            dataclasses.replace(tries[0], impl=name)
+            if tries
+            else Record(
+                kernel="decode_attention", impl=name, shape="", causal=None, pass_="decode", ms=None
+            )
+        )
         rec.error = "; ".join(f"{t.impl}: {t.error}" for t in tries) or "no valid variant"
         return rec
     rec = dataclasses.replace(best, impl=name)
@@ -185,17 +233,26 @@ _TUNED: dict[str, tuple[DecodeConfig, float, float]] = {}
 
 def summary(records: list[Record]) -> str:
     """Per shape: our best mode, ratios vs every peer, unified / online."""
-    lines = ["", "## Ratios", "",
-             "| shape | our best | GB/s | % of 3350 | vs xla | vs cudnn | vs jax-pallas-gqa "
-             "| vs tokamax | unified / online |", "|" + "---|" * 9]
+    lines = [
+        "",
+        "## Ratios",
+        "",
+        "| shape | our best | GB/s | % of 3350 | vs xla | vs cudnn | vs jax-pallas-gqa "
+        "| vs tokamax | unified / online |",
+        "|" + "---|" * 9,
+    ]
     for shape in dict.fromkeys(r.shape for r in records):
         rows = {r.impl: r for r in records if r.shape == shape}
         on, un = rows.get("ours-online"), rows.get("ours-unified_max")
         best = _best([r for r in (on, un) if r is not None])
         if best is None:
             continue
-        cells = [shape, best.impl.removeprefix("ours-"), f"{best.gbps:.0f}",
-                 f"{100 * best.gbps / 3350:.0f}%"]
+        cells = [
+            shape,
+            best.impl.removeprefix("ours-"),
+            f"{best.gbps:.0f}",
+            f"{100 * best.gbps / 3350:.0f}%",
+        ]
         for peer in ("xla", "cudnn", "jax-pallas-gqa", "tokamax"):
             r = rows.get(peer)
             cells.append(f"{best.gbps / r.gbps:.2f}×" if r is not None and r.gbps else "n/a")
@@ -203,13 +260,22 @@ def summary(records: list[Record]) -> str:
         cells.append(f"{ratio:.3f}×" if ratio else "n/a")
         lines.append("| " + " | ".join(cells) + " |")
     if _VARIANTS:
-        lines += ["", "Peer variants chosen (best of those tried): " + "; ".join(
-            f"{s} {p} = {v}" for (s, p), v in _VARIANTS.items())]
+        lines += [
+            "",
+            "Peer variants chosen (best of those tried): "
+            + "; ".join(f"{s} {p} = {v}" for (s, p), v in _VARIANTS.items()),
+        ]
     if _TUNED:
-        lines += ["", "Our configs (tuned in this run for unified max from the heuristic, greedy "
-                  "over splits, block_k, stages, vector path; both modes then use it):", ""]
-        lines += [f"- {s}: {c} — {t:.0f} GB/s tuned vs {d:.0f} GB/s heuristic"
-                  for s, (c, t, d) in _TUNED.items()]
+        lines += [
+            "",
+            "Our configs (tuned in this run for unified max from the heuristic, greedy "
+            "over splits, block_k, stages, vector path; both modes then use it):",
+            "",
+        ]
+        lines += [
+            f"- {s}: {c} — {t:.0f} GB/s tuned vs {d:.0f} GB/s heuristic"
+            for s, (c, t, d) in _TUNED.items()
+        ]
     text = "\n".join(lines)
     print(text)
     return text
@@ -232,12 +298,19 @@ def run(out: str | None = None, iters: int = 20, quick: bool = False) -> list[Re
     if out is None:
         tag = "cpu" if jax.default_backend() != "gpu" else "h100"
         out = f"experiments/results/bench_decode_{tag}{'_quick' if quick else ''}"
-    write_outputs(records, out, metric="gbps", ours="ours",
-                  title="Decode attention (one query token), effective GB/s of K+V")
+    write_outputs(
+        records,
+        out,
+        metric="gbps",
+        ours="ours",
+        title="Decode attention (one query token), effective GB/s of K+V",
+    )
     md = Path(out).with_suffix(".md")
-    md.write_text(md.read_text() + summary(records) + "\n\nTiming: median of 5 repetitions of "
-                  f"{iters} back-to-back calls (one sync per repetition), all lengths = S, "
-                  "bf16; GB/s = K+V bytes / time. `ours` = our best mode per shape.\n")
+    md.write_text(
+        md.read_text() + summary(records) + "\n\nTiming: median of 5 repetitions of "
+        f"{iters} back-to-back calls (one sync per repetition), all lengths = S, "
+        "bf16; GB/s = K+V bytes / time. `ours` = our best mode per shape.\n"
+    )
     return records
 
 
@@ -271,8 +344,9 @@ def tune(shape: DecodeShape, args, iters: int = 10) -> tuple[DecodeConfig, float
             cand = dataclasses.replace(best, **{knob: value})
             if score(cand) > score(best):
                 best = cand
-    print(f"TUNED {shape.name}: {best} {seen[best]:.0f} GB/s (heuristic {seen[base]:.0f})",
-          flush=True)
+    print(
+        f"TUNED {shape.name}: {best} {seen[best]:.0f} GB/s (heuristic {seen[base]:.0f})", flush=True
+    )
     return best, seen[best], seen[base]
 
 

@@ -61,30 +61,58 @@ def _median_ms(fn, runs: int) -> float:
 
 def model_config(quick: bool, attention_impl: str) -> ModelConfig:
     if quick:
-        return ModelConfig(vocab_size=512, num_layers=2, d_model=64, num_heads=4, max_len=128,
-                           encoding="absolute", post_norm=False, attention_impl=attention_impl,
-                           dtype="bfloat16", param_dtype="bfloat16")
-    return ModelConfig(vocab_size=50257, **GPT2_SMALL, encoding="absolute",
-                       attention_impl=attention_impl, dtype="bfloat16", param_dtype="bfloat16")
+        return ModelConfig(
+            vocab_size=512,
+            num_layers=2,
+            d_model=64,
+            num_heads=4,
+            max_len=128,
+            encoding="absolute",
+            post_norm=False,
+            attention_impl=attention_impl,
+            dtype="bfloat16",
+            param_dtype="bfloat16",
+        )
+    return ModelConfig(
+        vocab_size=50257,
+        **GPT2_SMALL,
+        encoding="absolute",
+        attention_impl=attention_impl,
+        dtype="bfloat16",
+        param_dtype="bfloat16",
+    )
 
 
-def bench_one(variant: str, model, prompts, lengths, phi, runs: int, new: int,
-              uncached_steps: int) -> GenRecord:
+def bench_one(
+    variant: str, model, prompts, lengths, phi, runs: int, new: int, uncached_steps: int
+) -> GenRecord:
     batch, prompt = prompts.shape
     rec = GenRecord(variant, batch, prompt, new)
     if variant == "no-cache":
+
         def gen(steps):
-            return generate_uncached(model, prompts, lengths, max_new_tokens=new, sampler=greedy(),
-                                     num_steps=steps)
+            return generate_uncached(
+                model, prompts, lengths, max_new_tokens=new, sampler=greedy(), num_steps=steps
+            )
+
         timed = min(uncached_steps, new)
     else:
         impl = "xla" if variant == "xla" else "pallas"
         softmax = "online" if variant == "kernel-online" else "unified_max"
 
         def gen(steps):
-            return generate(model, prompts, lengths, max_new_tokens=new, sampler=greedy(),
-                            decode_impl=impl, softmax=softmax,
-                            phi=phi if softmax == "unified_max" else None, num_steps=steps)
+            return generate(
+                model,
+                prompts,
+                lengths,
+                max_new_tokens=new,
+                sampler=greedy(),
+                decode_impl=impl,
+                softmax=softmax,
+                phi=phi if softmax == "unified_max" else None,
+                num_steps=steps,
+            )
+
         timed = new
     out = gen(timed)  # compile + warm up (num_steps is traced: gen(1) reuses the executable)
     jax.block_until_ready(out)
@@ -97,35 +125,43 @@ def bench_one(variant: str, model, prompts, lengths, phi, runs: int, new: int,
     rec.total_ms = rec.prefill_ms + rec.ms_per_token * (new - 1)
     rec.tokens_per_s = batch * new / (rec.total_ms * 1e-3)
     if timed < new:
-        rec.note = (f"timed {timed} of {new} steps; every step re-runs the full model over the "
-                    f"fixed [B, {prompt}+{new}] buffer, so the per-step cost is constant and the "
-                    "total is extrapolated")
+        rec.note = (
+            f"timed {timed} of {new} steps; every step re-runs the full model over the "
+            f"fixed [B, {prompt}+{new}] buffer, so the per-step cost is constant and the "
+            "total is extrapolated"
+        )
     return rec
 
 
 def _table(records: list[GenRecord]) -> str:
-    lines = ["| batch | variant | prefill+1st (ms) | ms / output step | tokens/s | total (s) "
-             "| note |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| batch | variant | prefill+1st (ms) | ms / output step | tokens/s | total (s) | note |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in records:
         if r.error:
             lines.append(f"| {r.batch} | {r.variant} | err | err | err | err | {r.error} |")
             continue
-        lines.append(f"| {r.batch} | {r.variant} | {r.prefill_ms:.1f} | {r.ms_per_token:.3f} | "
-                     f"{r.tokens_per_s:.0f} | {r.total_ms / 1e3:.2f} | "
-                     f"{'extrapolated' if r.note else ''} |")
+        lines.append(
+            f"| {r.batch} | {r.variant} | {r.prefill_ms:.1f} | {r.ms_per_token:.3f} | "
+            f"{r.tokens_per_s:.0f} | {r.total_ms / 1e3:.2f} | "
+            f"{'extrapolated' if r.note else ''} |"
+        )
     return "\n".join(lines)
 
 
 def _write(records: list[GenRecord], out: str, title: str, extra: str) -> None:
     prefix = Path(out)
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    prefix.with_suffix(".json").write_text(json.dumps(
-        [dataclasses.asdict(r) for r in records], indent=1))
+    prefix.with_suffix(".json").write_text(
+        json.dumps([dataclasses.asdict(r) for r in records], indent=1)
+    )
     device = records[0].device if records else "?"
     table = _table(records)
     print(table, flush=True)
     prefix.with_suffix(".md").write_text(
-        f"# {title}\n\nDevice: {device}, jax {jax.__version__}.\n\n{table}\n\n{extra}\n")
+        f"# {title}\n\nDevice: {device}, jax {jax.__version__}.\n\n{table}\n\n{extra}\n"
+    )
     try:
         import matplotlib
 
@@ -139,8 +175,10 @@ def _write(records: list[GenRecord], out: str, title: str, extra: str) -> None:
     width = 0.8 / max(len(variants), 1)
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for i, v in enumerate(variants):
-        vals = [next((r.tokens_per_s for r in ok if r.variant == v and r.batch == b), 0.0)
-                for b in batches]
+        vals = [
+            next((r.tokens_per_s for r in ok if r.variant == v and r.batch == b), 0.0)
+            for b in batches
+        ]
         ax.bar(np.arange(len(batches)) + i * width, vals, width, label=v)
     ax.set_xticks(np.arange(len(batches)) + 0.4 - width / 2, [f"batch {b}" for b in batches])
     ax.set_yscale("log")
@@ -158,8 +196,9 @@ def run(out: str | None = None, iters: int = 20, quick: bool = False) -> list[Ge
     prompt, new = (32, 16) if quick else (PROMPT, NEW)
     batches = (1, 2) if quick else BATCHES
     runs = max(1, min(iters, 5))  # whole generations are long; 5 runs give a stable median
-    models = {impl: Transformer(model_config(quick, impl), rngs=nnx.Rngs(0))
-              for impl in ("xla", "pallas")}
+    models = {
+        impl: Transformer(model_config(quick, impl), rngs=nnx.Rngs(0)) for impl in ("xla", "pallas")
+    }
     for m in models.values():
         m.eval()
     cfg = models["xla"].cfg
@@ -170,8 +209,10 @@ def run(out: str | None = None, iters: int = 20, quick: bool = False) -> list[Ge
     if out is None:
         tag = "cpu" if jax.default_backend() != "gpu" else "h100"
         out = f"experiments/results/bench_generate_{tag}{'_quick' if quick else ''}"
-    title = (f"Generation, {cfg.num_layers}L d{cfg.d_model} {cfg.num_heads}h V{cfg.vocab_size} "
-             f"bf16 random weights, prompt {prompt}, {new} new tokens, greedy")
+    title = (
+        f"Generation, {cfg.num_layers}L d{cfg.d_model} {cfg.num_heads}h V{cfg.vocab_size} "
+        f"bf16 random weights, prompt {prompt}, {new} new tokens, greedy"
+    )
     extra = (
         "Variants: `kernel` = flash-attention prefill (attention_impl='pallas') + our split-KV "
         "decode kernel (FlashDecoding++ unified max, φ per layer from `decoding.calibrate`); "
@@ -182,7 +223,8 @@ def run(out: str | None = None, iters: int = 20, quick: bool = False) -> list[Ge
         "(time of N steps - prefill+1st) / (N - 1), one decode step for the whole batch; "
         "tokens/s = batch·new / (prefill+1st + (new-1)·step). Medians over "
         f"{runs} whole generations after a warm-up. Encoding: learned absolute (GPT-2). "
-        f"φ per layer: {np.round(np.asarray(phi), 3).tolist()}.")
+        f"φ per layer: {np.round(np.asarray(phi), 3).tolist()}."
+    )
     records: list[GenRecord] = []
     order = [(v, b) for v in VARIANTS[:-1] for b in batches]
     order = sorted(order, key=lambda vb: (vb[1], VARIANTS.index(vb[0])))
@@ -201,12 +243,20 @@ def run(out: str | None = None, iters: int = 20, quick: bool = False) -> list[Ge
             rec = bench_one(variant, model, prompts, lengths, phi, runs, new, steps)
         except Exception as e:  # keep going: one failing variant must not lose the others
             traceback.print_exc()
-            rec = GenRecord(variant, batch, prompt, new, error=f"{type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:160] if str(e) else ''}")
+            rec = GenRecord(
+                variant,
+                batch,
+                prompt,
+                new,
+                error=f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}",
+            )
         rec.device = device
         records.append(rec)
-        print(f"{variant} B{batch}: {rec.ms_per_token} ms/step, {rec.tokens_per_s} tok/s "
-              f"({time.perf_counter() - t0:.0f}s incl. compile)", flush=True)
+        print(
+            f"{variant} B{batch}: {rec.ms_per_token} ms/step, {rec.tokens_per_s} tok/s "
+            f"({time.perf_counter() - t0:.0f}s incl. compile)",
+            flush=True,
+        )
         _write(records, out, title, extra)
     return records
 

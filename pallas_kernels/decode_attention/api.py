@@ -27,26 +27,33 @@ def _validate(q, k_cache, v_cache, lengths) -> None:
         raise ValueError(f"q must be [batch, heads, head_dim], got shape {q.shape}")
     if k_cache.ndim != 4:
         raise ValueError(
-            f"k_cache must be [batch, max_len, kv_heads, head_dim], got shape {k_cache.shape}")
+            f"k_cache must be [batch, max_len, kv_heads, head_dim], got shape {k_cache.shape}"
+        )
     if v_cache.shape != k_cache.shape:
         raise ValueError(f"v_cache shape {v_cache.shape} must equal k_cache shape {k_cache.shape}")
     batch, heads, head_dim = q.shape
     if k_cache.shape[0] != batch or k_cache.shape[3] != head_dim:
-        raise ValueError(f"k_cache shape {k_cache.shape} does not match q shape {q.shape} "
-                         "(batch and head_dim must agree)")
+        raise ValueError(
+            f"k_cache shape {k_cache.shape} does not match q shape {q.shape} "
+            "(batch and head_dim must agree)"
+        )
     if k_cache.shape[1] < 1:
         raise ValueError(f"k_cache max_len must be >= 1, got shape {k_cache.shape}")
     if heads % k_cache.shape[2]:
-        raise ValueError(f"q heads ({heads}) must be a multiple of k_cache kv_heads "
-                         f"({k_cache.shape[2]}), got q {q.shape} and k_cache {k_cache.shape}")
+        raise ValueError(
+            f"q heads ({heads}) must be a multiple of k_cache kv_heads "
+            f"({k_cache.shape[2]}), got q {q.shape} and k_cache {k_cache.shape}"
+        )
     if head_dim < 16 or head_dim & (head_dim - 1):
         raise ValueError(f"q head_dim must be a power of two >= 16, got shape {q.shape}")
     for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if jnp.dtype(x.dtype) not in SUPPORTED_DTYPES:
             raise ValueError(f"{name} dtype must be bfloat16 or float32, got {x.dtype}")
     if not (q.dtype == k_cache.dtype == v_cache.dtype):
-        raise ValueError(f"q, k_cache, v_cache dtypes must agree, got {q.dtype}, "
-                         f"{k_cache.dtype}, {v_cache.dtype}")
+        raise ValueError(
+            f"q, k_cache, v_cache dtypes must agree, got {q.dtype}, "
+            f"{k_cache.dtype}, {v_cache.dtype}"
+        )
     if lengths.shape != (batch,):
         raise ValueError(f"lengths must be [batch] = ({batch},), got shape {lengths.shape}")
     if not jnp.issubdtype(lengths.dtype, jnp.integer):
@@ -63,11 +70,21 @@ def _phi_per_head(phi, heads: int) -> jax.Array:
     return jnp.broadcast_to(jnp.asarray(phi, jnp.float32), (heads,))
 
 
-def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array,
-                     *, scale: float | None = None, softmax: str = "unified_max", phi=None,
-                     num_splits: int | None = None, config: DecodeConfig | None = None,
-                     fallback: str = "kernel", interpret: bool | None = None,
-                     debug: bool = False) -> jax.Array:
+def decode_attention(
+    q: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    lengths: jax.Array,
+    *,
+    scale: float | None = None,
+    softmax: str = "unified_max",
+    phi=None,
+    num_splits: int | None = None,
+    config: DecodeConfig | None = None,
+    fallback: str = "kernel",
+    interpret: bool | None = None,
+    debug: bool = False,
+) -> jax.Array:
     """Attention of one new query token over a KV cache, split along the keys (Flash-Decoding).
 
     Args:
@@ -111,39 +128,70 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengt
     max_len, kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = heads // kv_heads
     if config is None:
-        config = heuristic_config(batch, max_len, kv_heads, group, head_dim,
-                                  itemsize=jnp.dtype(q.dtype).itemsize, num_splits=num_splits)
+        config = heuristic_config(
+            batch,
+            max_len,
+            kv_heads,
+            group,
+            head_dim,
+            itemsize=jnp.dtype(q.dtype).itemsize,
+            num_splits=num_splits,
+        )
     elif num_splits is not None:
         config = DecodeConfig(**{**_asdict(config), "num_splits": num_splits})
     if not config.use_dot and group != 1:
-        raise ValueError(f"config.use_dot=False needs heads == kv_heads, got q {q.shape} "
-                         f"and k_cache {k_cache.shape}")
+        raise ValueError(
+            f"config.use_dot=False needs heads == kv_heads, got q {q.shape} "
+            f"and k_cache {k_cache.shape}"
+        )
     scale = float(head_dim**-0.5 if scale is None else scale)
-    return _decode_attention(q, k_cache, v_cache, lengths.astype(jnp.int32),
-                             _phi_per_head(phi, heads), scale=scale, softmax=softmax,
-                             config=config, fallback=fallback,
-                             interpret=resolve_interpret(interpret), debug=debug)
+    return _decode_attention(
+        q,
+        k_cache,
+        v_cache,
+        lengths.astype(jnp.int32),
+        _phi_per_head(phi, heads),
+        scale=scale,
+        softmax=softmax,
+        config=config,
+        fallback=fallback,
+        interpret=resolve_interpret(interpret),
+        debug=debug,
+    )
 
 
 def _asdict(config: DecodeConfig) -> dict:
     return {f: getattr(config, f) for f in config.__dataclass_fields__}
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "softmax", "config", "fallback",
-                                             "interpret", "debug"))
-def _decode_attention(q, k_cache, v_cache, lengths, phi, *, scale, softmax, config, fallback,
-                      interpret, debug):
+@functools.partial(
+    jax.jit, static_argnames=("scale", "softmax", "config", "fallback", "interpret", "debug")
+)
+def _decode_attention(
+    q, k_cache, v_cache, lengths, phi, *, scale, softmax, config, fallback, interpret, debug
+):
     batch, heads, head_dim = q.shape
     max_len, kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = heads // kv_heads
     qg = q.reshape(batch, kv_heads, group, head_dim)  # [B, K, G, D]
     phig = phi.reshape(kv_heads, group)  # [K, G]
     lengths = jnp.clip(lengths, 0, max_len)
-    run = functools.partial(decode_partials, qg, k_cache, v_cache, lengths, phig, scale=scale,
-                            config=config, interpret=interpret, debug=debug)
+    run = functools.partial(
+        decode_partials,
+        qg,
+        k_cache,
+        v_cache,
+        lengths,
+        phig,
+        scale=scale,
+        config=config,
+        interpret=interpret,
+        debug=debug,
+    )
     _, splits = split_layout(max_len, config.num_splits, config.block_k)
 
     if softmax == "unified_max" and fallback == "cond":
+
         def online():
             return combine_online(run(softmax="online", final=False))
 

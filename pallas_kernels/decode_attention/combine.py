@@ -75,8 +75,9 @@ def unified_window(max_len: int) -> tuple[float, float]:
     return LN_FLT_MIN + ln_n + LN_PRECISION, LN_FLT_MAX - ln_n - math.log(2.0)
 
 
-def unified_fallback_flags(partials: DecodePartials, phi: jax.Array, max_len: int,
-                           unified_out: jax.Array) -> jax.Array:
+def unified_fallback_flags(
+    partials: DecodePartials, phi: jax.Array, max_len: int, unified_out: jax.Array
+) -> jax.Array:
     """Rows whose unified-max result may be inexact: [batch, kv_heads, group] bool.
 
     A row is flagged when its max logit M leaves the window (a, b) of `unified_window` relative
@@ -92,8 +93,9 @@ def unified_fallback_flags(partials: DecodePartials, phi: jax.Array, max_len: in
     return has_keys & (out_of_window | not_finite)
 
 
-def unified_with_fallback(partials: DecodePartials, phi: jax.Array, max_len: int,
-                          online_out: Callable[[], jax.Array]) -> jax.Array:
+def unified_with_fallback(
+    partials: DecodePartials, phi: jax.Array, max_len: int, online_out: Callable[[], jax.Array]
+) -> jax.Array:
     """Unified-max combine; flagged rows are replaced by `online_out()` (recomputed lazily).
 
     `online_out` runs the Flash-Decoding path for the same inputs; it is only evaluated (under

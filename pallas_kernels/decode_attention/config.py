@@ -43,8 +43,16 @@ def sm_count() -> int:
     return int(getattr(device, "core_count", H100_SM_COUNT) or H100_SM_COUNT)
 
 
-def heuristic_config(batch: int, max_len: int, kv_heads: int, group: int, head_dim: int,
-                     *, itemsize: int = 2, num_splits: int | None = None) -> DecodeConfig:
+def heuristic_config(
+    batch: int,
+    max_len: int,
+    kv_heads: int,
+    group: int,
+    head_dim: int,
+    *,
+    itemsize: int = 2,
+    num_splits: int | None = None,
+) -> DecodeConfig:
     """Default config for one decode step, fitted to the in-run tuning of the H100 benchmark.
 
     block_k = 64 keys for head_dim >= 128, else 128, shrunk until the pipelined K and V tiles
@@ -69,8 +77,9 @@ def heuristic_config(batch: int, max_len: int, kv_heads: int, group: int, head_d
             wanted = -(-2 * sm_count() // pairs)
             num_splits = min(64, 1 << (wanted.bit_length() - 1))
         num_splits = max(1, min(num_splits, -(-max_len // (2 * block_k))))
-    return DecodeConfig(block_k=block_k, num_splits=num_splits, num_warps=4,
-                        num_stages=num_stages, use_dot=True)
+    return DecodeConfig(
+        block_k=block_k, num_splits=num_splits, num_warps=4, num_stages=num_stages, use_dot=True
+    )
 
 
 def split_layout(max_len: int, num_splits: int, block_k: int) -> tuple[int, int]:

@@ -24,9 +24,26 @@ def _col(x: jax.Array) -> jax.Array:
     return x if x.ndim == 0 else x[:, None]
 
 
-def _decode_kernel(q_ref, k_ref, v_ref, lengths_ref, phi_ref, o_ref, l_ref, m_ref, shift_ref, *,
-                   scale_log2: float, block_k: int, split_len: int, unified: bool,
-                   recompute: bool, final: bool, window: tuple[float, float], precision):
+def _decode_kernel(
+    q_ref,
+    k_ref,
+    v_ref,
+    lengths_ref,
+    phi_ref,
+    o_ref,
+    l_ref,
+    m_ref,
+    shift_ref,
+    *,
+    scale_log2: float,
+    block_k: int,
+    split_len: int,
+    unified: bool,
+    recompute: bool,
+    final: bool,
+    window: tuple[float, float],
+    precision,
+):
     """One (batch, kv_head, split) program over the split's valid keys.
 
     Group path (tensor cores): q_ref: [rows, head_dim] (`rows` >= 16 loaded, only the group's
@@ -117,8 +134,11 @@ def _decode_kernel(q_ref, k_ref, v_ref, lengths_ref, phi_ref, o_ref, l_ref, m_re
 
             def redo():
                 acc_o, m_o, l_o = online_loop()
-                return (jnp.where(_col(bad), acc_o, acc), jnp.where(bad, l_o, l),
-                        jnp.where(bad, m_o, shift))
+                return (
+                    jnp.where(_col(bad), acc_o, acc),
+                    jnp.where(bad, l_o, l),
+                    jnp.where(bad, m_o, shift),
+                )
 
             acc, l, shift = lax.cond(any_bad, redo, lambda: (acc, l, shift))
         shift = jnp.where(m > -jnp.inf, shift, -jnp.inf)  # an empty split must weigh nothing
@@ -132,17 +152,27 @@ def _decode_kernel(q_ref, k_ref, v_ref, lengths_ref, phi_ref, o_ref, l_ref, m_re
         m_ref[...] = m * LN2
         shift_ref[...] = shift * LN2
     else:
-        pltriton.store(o_ref.at[pl.ds(0, rows), :], acc.astype(o_ref.dtype),
-                       mask=row_ok[:, None])
+        pltriton.store(o_ref.at[pl.ds(0, rows), :], acc.astype(o_ref.dtype), mask=row_ok[:, None])
         pltriton.store(l_ref.at[pl.ds(0, rows)], l, mask=row_ok)
         pltriton.store(m_ref.at[pl.ds(0, rows)], m * LN2, mask=row_ok)
         pltriton.store(shift_ref.at[pl.ds(0, rows)], shift * LN2, mask=row_ok)
 
 
-def decode_partials(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array,
-                    phi: jax.Array, *, scale: float, softmax: str, config: DecodeConfig,
-                    recompute: bool = True, final: bool | None = None, interpret: bool = False,
-                    debug: bool = False) -> DecodePartials:
+def decode_partials(
+    q: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    lengths: jax.Array,
+    phi: jax.Array,
+    *,
+    scale: float,
+    softmax: str,
+    config: DecodeConfig,
+    recompute: bool = True,
+    final: bool | None = None,
+    interpret: bool = False,
+    debug: bool = False,
+) -> DecodePartials:
     """Runs the split-KV kernel; returns float32 `DecodePartials` (see combine.py).
 
     q: [batch, kv_heads, group, head_dim]; k_cache, v_cache: [batch, max_len, kv_heads,
@@ -162,10 +192,16 @@ def decode_partials(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, length
         raise ValueError(f"final=True needs a single split, got {splits}")
     g = None if vector else group
     kernel = functools.partial(
-        _decode_kernel, scale_log2=scale * LOG2E, block_k=config.block_k, split_len=split_len,
-        unified=softmax == "unified_max", recompute=recompute, final=final,
+        _decode_kernel,
+        scale_log2=scale * LOG2E,
+        block_k=config.block_k,
+        split_len=split_len,
+        unified=softmax == "unified_max",
+        recompute=recompute,
+        final=final,
         window=unified_window(max_len),
-        precision=lax.Precision.HIGHEST if q.dtype == jnp.float32 else None)
+        precision=lax.Precision.HIGHEST if q.dtype == jnp.float32 else None,
+    )
     kv_spec = pl.BlockSpec((None, max_len, None, head_dim), lambda b, h, s: (b, 0, h, 0))
     row_spec = pl.BlockSpec((None, None, None, g), lambda b, h, s: (b, h, s, 0))
     in_specs = [
@@ -177,13 +213,18 @@ def decode_partials(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, length
     ]
     out_specs = [
         pl.BlockSpec((None, None, None, g, head_dim), lambda b, h, s: (b, h, s, 0, 0)),  # o
-        row_spec, row_spec, row_spec,  # l, m, shift
+        row_spec,
+        row_spec,
+        row_spec,  # l, m, shift
     ]
     row_shape = jax.ShapeDtypeStruct((batch, kv_heads, splits, group), jnp.float32)
     out_shape = [
-        jax.ShapeDtypeStruct((batch, kv_heads, splits, group, head_dim),
-                             q.dtype if final else jnp.float32),
-        row_shape, row_shape, row_shape,
+        jax.ShapeDtypeStruct(
+            (batch, kv_heads, splits, group, head_dim), q.dtype if final else jnp.float32
+        ),
+        row_shape,
+        row_shape,
+        row_shape,
     ]
     o, l, m, shift = pl.pallas_call(
         kernel,
@@ -191,8 +232,9 @@ def decode_partials(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, length
         grid=(batch, kv_heads, splits),
         in_specs=in_specs,
         out_specs=out_specs,
-        compiler_params=pltriton.CompilerParams(num_warps=config.num_warps,
-                                                num_stages=config.num_stages),
+        compiler_params=pltriton.CompilerParams(
+            num_warps=config.num_warps, num_stages=config.num_stages
+        ),
         interpret=interpret,
         debug=debug,
         name=f"decode_attention_{softmax}",

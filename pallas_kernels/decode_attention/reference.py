@@ -13,13 +13,23 @@ def _grouped(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, scale: float)
     batch, heads, head_dim = q.shape
     kv_heads = k_cache.shape[2]
     qg = q.astype(jnp.float32).reshape(batch, kv_heads, heads // kv_heads, head_dim)
-    s = jnp.einsum("bkgd,bskd->bkgs", qg, k_cache.astype(jnp.float32),
-                   precision=jax.lax.Precision.HIGHEST) * scale
+    s = (
+        jnp.einsum(
+            "bkgd,bskd->bkgs", qg, k_cache.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
+        )
+        * scale
+    )
     return s, jnp.swapaxes(v_cache.astype(jnp.float32), 1, 2)
 
 
-def decode_attention_reference(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
-                               lengths: jax.Array, *, scale: float | None = None) -> jax.Array:
+def decode_attention_reference(
+    q: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    lengths: jax.Array,
+    *,
+    scale: float | None = None,
+) -> jax.Array:
     """Softmax attention of one new query token over the first `lengths[b]` cached keys.
 
     Args:
@@ -46,9 +56,17 @@ def decode_attention_reference(q: jax.Array, k_cache: jax.Array, v_cache: jax.Ar
     return o.reshape(batch, heads, head_dim).astype(q.dtype)
 
 
-def decode_partials_reference(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
-                              lengths: jax.Array, phi: jax.Array, *, scale: float,
-                              softmax: str, split_len: int) -> DecodePartials:
+def decode_partials_reference(
+    q: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    lengths: jax.Array,
+    phi: jax.Array,
+    *,
+    scale: float,
+    softmax: str,
+    split_len: int,
+) -> DecodePartials:
     """The per-split partials the kernel returns (see `DecodePartials`), in float32.
 
     Split j covers keys [j·split_len, (j+1)·split_len). `phi`: [kv_heads, group] float32, the

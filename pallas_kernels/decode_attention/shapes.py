@@ -17,7 +17,7 @@ class DecodeShape:
 
     @property
     def name(self) -> str:
-        return (f"B{self.batch} S{self.max_len} {self.heads}/{self.kv_heads} D{self.head_dim}")
+        return f"B{self.batch} S{self.max_len} {self.heads}/{self.kv_heads} D{self.head_dim}"
 
     def kv_bytes(self, itemsize: int = 2) -> int:
         """Bytes of K and V read once when every row has length S."""

@@ -36,12 +36,16 @@ def _validate(q, k, v, lengths) -> None:
     if min(q.shape) == 0 or min(k.shape) == 0:
         raise ValueError(f"empty inputs: q {q.shape}, k {k.shape}")
     if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"q, k, v must share one dtype of bf16/fp16/fp32, got "
-                         f"{q.dtype}, {k.dtype}, {v.dtype}")
-    if lengths is not None and (lengths.shape != (q.shape[0],)
-                                or not jnp.issubdtype(lengths.dtype, jnp.integer)):
-        raise ValueError(f"lengths must be an int array of shape ({q.shape[0]},), got "
-                         f"{lengths.shape} {lengths.dtype}")
+        raise ValueError(
+            f"q, k, v must share one dtype of bf16/fp16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
+    if lengths is not None and (
+        lengths.shape != (q.shape[0],) or not jnp.issubdtype(lengths.dtype, jnp.integer)
+    ):
+        raise ValueError(
+            f"lengths must be an int array of shape ({q.shape[0]},), got "
+            f"{lengths.shape} {lengths.dtype}"
+        )
 
 
 def _round_up(x: int, m: int) -> int:
@@ -84,11 +88,21 @@ def _forward(q, k, v, lengths, prob: _Problem):
     if prob.mosaic is not None:
         from pallas_kernels.flash_attention import pallas_mosaic_gpu
 
-        return pallas_mosaic_gpu.forward(qp, kp, vp, scale=prob.scale, causal=prob.causal,
-                                         config=prob.mosaic)
-    return pallas_triton.forward(qp, kp, vp, lengths, scale=prob.scale, causal=prob.causal,
-                                 offset=prob.offset, config=prob.config,
-                                 interpret=prob.interpret, debug=prob.debug)
+        return pallas_mosaic_gpu.forward(
+            qp, kp, vp, scale=prob.scale, causal=prob.causal, config=prob.mosaic
+        )
+    return pallas_triton.forward(
+        qp,
+        kp,
+        vp,
+        lengths,
+        scale=prob.scale,
+        causal=prob.causal,
+        offset=prob.offset,
+        config=prob.config,
+        interpret=prob.interpret,
+        debug=prob.debug,
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -108,10 +122,16 @@ def _flash_bwd(prob: _Problem, residuals, d_out):
         _pad_to(q, prob.q_pad, prob.d_pad),
         _pad_to(k, prob.kv_pad, prob.d_pad),
         _pad_to(v, prob.kv_pad, prob.d_pad),
-        lengths, out, lse,
+        lengths,
+        out,
+        lse,
         _pad_to(d_out.astype(q.dtype), prob.q_pad, prob.d_pad),
-        scale=prob.scale, causal=prob.causal, offset=prob.offset, config=prob.config,
-        interpret=prob.interpret, debug=prob.debug,
+        scale=prob.scale,
+        causal=prob.causal,
+        offset=prob.offset,
+        config=prob.config,
+        interpret=prob.interpret,
+        debug=prob.debug,
     )
     dq = dq[:, : prob.q_len, :, : prob.head_dim]
     dk = dk[:, : prob.kv_len, :, : prob.head_dim]
@@ -178,15 +198,19 @@ def flash_attention(
     use_mosaic = backend == "mosaic" or (backend is None and _mosaic_supported(q, k, interpret))
     if use_mosaic:
         if not _mosaic_supported(q, k, interpret):
-            raise ValueError(f"backend='mosaic' needs a Hopper GPU, bf16/fp16 and head_dim 64 or "
-                             f"128; got {q.dtype}, q shape {q.shape}")
+            raise ValueError(
+                f"backend='mosaic' needs a Hopper GPU, bf16/fp16 and head_dim 64 or "
+                f"128; got {q.dtype}, q shape {q.shape}"
+            )
         mosaic = mosaic or heuristic_mosaic_config(head_dim, kv_len)
         from pallas_kernels.flash_attention import pallas_mosaic_gpu
 
         if not pallas_mosaic_gpu.supports(q.shape, k.shape, causal, lengths, mosaic):
             if backend == "mosaic":
-                raise ValueError(f"the Mosaic kernel does not cover q {q.shape}, k {k.shape}, "
-                                 f"lengths={lengths is not None} with {mosaic}")
+                raise ValueError(
+                    f"the Mosaic kernel does not cover q {q.shape}, k {k.shape}, "
+                    f"lengths={lengths is not None} with {mosaic}"
+                )
             mosaic = None
     else:
         mosaic = None
@@ -196,28 +220,43 @@ def flash_attention(
         # The Mosaic forward takes unpadded inputs; its residuals must match the Triton
         # backward's padded layout, so fall back when padding would be needed.
         if backend == "mosaic":
-            raise ValueError(f"backend='mosaic' needs q_len, kv_len multiples of the backward "
-                             f"blocks; got q {q.shape}, k {k.shape}")
+            raise ValueError(
+                f"backend='mosaic' needs q_len, kv_len multiples of the backward "
+                f"blocks; got q {q.shape}, k {k.shape}"
+            )
         mosaic = None
     if lengths is None:
         lengths = jnp.full((batch,), kv_len, jnp.int32)
     lengths = jnp.clip(lengths.astype(jnp.int32), 0, kv_len)
     scale = float(head_dim**-0.5 if scale is None else scale)
-    prob = _Problem(q_len=q_len, kv_len=kv_len, head_dim=head_dim, q_pad=q_pad, kv_pad=kv_pad,
-                    d_pad=d_pad, causal=bool(causal), scale=scale, config=config, mosaic=mosaic,
-                    interpret=interpret, debug=debug)
+    prob = _Problem(
+        q_len=q_len,
+        kv_len=kv_len,
+        head_dim=head_dim,
+        q_pad=q_pad,
+        kv_pad=kv_pad,
+        d_pad=d_pad,
+        causal=bool(causal),
+        scale=scale,
+        config=config,
+        mosaic=mosaic,
+        interpret=interpret,
+        debug=debug,
+    )
     return _flash(q, k, v, lengths, prob)
 
 
-def flash_attention_with_lse(q, k, v, *, causal=True, lengths=None, scale=None, interpret=None,
-                             **tuning) -> tuple[jax.Array, jax.Array]:
+def flash_attention_with_lse(
+    q, k, v, *, causal=True, lengths=None, scale=None, interpret=None, **tuning
+) -> tuple[jax.Array, jax.Array]:
     """Forward only, also returning the [B, H, T] fp32 log-sum-exp (for tests and combines)."""
     _validate(q, k, v, lengths)
     batch, q_len, _, head_dim = q.shape
     kv_len = k.shape[1]
     interpret = resolve_interpret(interpret)
-    config = tuning.pop("config", None) or heuristic_config(head_dim, q_len, kv_len,
-                                                            interpret=interpret)
+    config = tuning.pop("config", None) or heuristic_config(
+        head_dim, q_len, kv_len, interpret=interpret
+    )
     config = dataclasses.replace(config, **tuning)
     d_pad = max(16, 1 << (head_dim - 1).bit_length())
     q_pad = _round_up(q_len, max(config.block_q, config.block_q_dq, config.block_q_dkv))
@@ -226,8 +265,19 @@ def flash_attention_with_lse(q, k, v, *, causal=True, lengths=None, scale=None, 
         lengths = jnp.full((batch,), kv_len, jnp.int32)
     lengths = jnp.clip(lengths.astype(jnp.int32), 0, kv_len)
     scale = float(head_dim**-0.5 if scale is None else scale)
-    prob = _Problem(q_len=q_len, kv_len=kv_len, head_dim=head_dim, q_pad=q_pad, kv_pad=kv_pad,
-                    d_pad=d_pad, causal=bool(causal), scale=scale, config=config, mosaic=None,
-                    interpret=interpret, debug=False)
+    prob = _Problem(
+        q_len=q_len,
+        kv_len=kv_len,
+        head_dim=head_dim,
+        q_pad=q_pad,
+        kv_pad=kv_pad,
+        d_pad=d_pad,
+        causal=bool(causal),
+        scale=scale,
+        config=config,
+        mosaic=None,
+        interpret=interpret,
+        debug=False,
+    )
     out, lse = _forward(q, k, v, lengths, prob)
     return out[:, :q_len, :, :head_dim], lse[:, :, :q_len]

@@ -62,7 +62,9 @@ class MosaicConfig:
 
     def __post_init__(self):
         if self.block_q % 64 or self.block_k % 64:
-            raise ValueError(f"block_q={self.block_q}, block_k={self.block_k} must be multiples of 64")
+            raise ValueError(
+                f"block_q={self.block_q}, block_k={self.block_k} must be multiples of 64"
+            )
         if self.num_stages < 2:
             raise ValueError(f"num_stages={self.num_stages} must be >= 2")
 
@@ -71,14 +73,28 @@ class MosaicConfig:
 # experiments/results/bench_attention_h100.md). Keyed by (device kind, head_dim).
 TRITON_TABLE: dict[tuple[str, int], TritonConfig] = {
     ("NVIDIA H100 80GB HBM3", 64): TritonConfig(
-        block_q=128, block_k=64, num_warps=4, num_stages=3,
-        block_q_dq=64, block_k_dq=64, block_q_dkv=64, block_k_dkv=64,
-        num_warps_bwd=4, num_stages_bwd=2,
+        block_q=128,
+        block_k=64,
+        num_warps=4,
+        num_stages=3,
+        block_q_dq=64,
+        block_k_dq=64,
+        block_q_dkv=64,
+        block_k_dkv=64,
+        num_warps_bwd=4,
+        num_stages_bwd=2,
     ),
     ("NVIDIA H100 80GB HBM3", 128): TritonConfig(
-        block_q=128, block_k=64, num_warps=8, num_stages=3,
-        block_q_dq=64, block_k_dq=64, block_q_dkv=64, block_k_dkv=64,
-        num_warps_bwd=4, num_stages_bwd=2,
+        block_q=128,
+        block_k=64,
+        num_warps=8,
+        num_stages=3,
+        block_q_dq=64,
+        block_k_dq=64,
+        block_q_dkv=64,
+        block_k_dkv=64,
+        num_warps_bwd=4,
+        num_stages_bwd=2,
     ),
 }
 
@@ -108,8 +124,10 @@ def heuristic_config(head_dim: int, q_len: int, kv_len: int, *, interpret: bool)
     config = TRITON_TABLE.get((_device_kind(), padded))
     if config is None:
         config = TritonConfig(
-            block_q=128 if padded <= 128 else 64, block_k=64,
-            num_warps=4 if padded <= 64 else 8, num_stages=2,
+            block_q=128 if padded <= 128 else 64,
+            block_k=64,
+            num_warps=4 if padded <= 64 else 8,
+            num_stages=2,
         )
     return config.clipped(q_len, kv_len)
 

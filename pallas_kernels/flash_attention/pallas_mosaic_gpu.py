@@ -27,13 +27,33 @@ def supports(q_shape, k_shape, causal: bool, lengths, config: MosaicConfig) -> b
     """Shapes this kernel covers; everything else goes to the Triton kernels."""
     _, q_len, _, head_dim = q_shape
     kv_len = k_shape[1]
-    return (lengths is None and head_dim in (64, 128) and q_len % (2 * config.block_q) == 0
-            and kv_len % config.block_k == 0 and (not causal or q_len <= kv_len))
+    return (
+        lengths is None
+        and head_dim in (64, 128)
+        and q_len % (2 * config.block_q) == 0
+        and kv_len % config.block_k == 0
+        and (not causal or q_len <= kv_len)
+    )
 
 
-def _kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, scoped, *, scale: float, causal: bool,
-            offset: int, block_q: int, block_k: int, num_stages: int, group: int,
-            num_q_tiles: int, kv_len: int):
+def _kernel(
+    q_ref,
+    k_ref,
+    v_ref,
+    out_ref,
+    lse_ref,
+    scoped,
+    *,
+    scale: float,
+    causal: bool,
+    offset: int,
+    block_q: int,
+    block_k: int,
+    num_stages: int,
+    group: int,
+    num_q_tiles: int,
+    kv_len: int,
+):
     # q_ref, out_ref: [B, T, H, D] (GMEM); k_ref, v_ref: [B, S, K, D] (GMEM); lse_ref [B, H, T]
     smem, ready, consumed, schedule = scoped
     q_smem2, k_smem, v_smem, lse_smem2 = smem  # [2, bq, D], [stages, bk, D] x2, [2, bq]
@@ -67,19 +87,18 @@ def _kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, scoped, *, scale: float, caus
         lse_smem = lse_smem2.at[wg]
         row0 = tile * (2 * block_q) + wg * block_q
         if causal:
-            steps = jnp.minimum(pl.cdiv(row0 + block_q + offset, jnp.array(block_k, jnp.int32)),
-                                kv_len // block_k)
+            steps = jnp.minimum(
+                pl.cdiv(row0 + block_q + offset, jnp.array(block_k, jnp.int32)), kv_len // block_k
+            )
         else:
             steps = cta_steps
-        plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(row0, block_q), head], q_smem,
-                                q_ready.at[wg])
+        plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(row0, block_q), head], q_smem, q_ready.at[wg])
         plgpu.barrier_wait(q_ready.at[wg])
-        m = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32),
-                              plgpu.Layout.WGMMA.reduce(1))
-        l = plgpu.layout_cast(jnp.full((block_q,), 0.0, jnp.float32),
-                              plgpu.Layout.WGMMA.reduce(1))
-        acc = plgpu.layout_cast(jnp.full((block_q, head_dim), 0.0, jnp.float32),
-                                plgpu.Layout.WGMMA)
+        m = plgpu.layout_cast(
+            jnp.full((block_q,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1)
+        )
+        l = plgpu.layout_cast(jnp.full((block_q,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+        acc = plgpu.layout_cast(jnp.full((block_q, head_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA)
 
         @pl.when(steps > 0)
         def _():
@@ -100,10 +119,12 @@ def _kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, scoped, *, scale: float, caus
             plgpu.barrier_arrive(k_consumed.at[slot])
             s = s * qk_scale  # [block_q, block_k], log2 domain
             if masked:
-                rows = plgpu.broadcasted_iota(jnp.int32, (block_q, block_k), 0,
-                                              layout=plgpu.Layout.WGMMA)
-                cols = plgpu.broadcasted_iota(jnp.int32, (block_q, block_k), 1,
-                                              layout=plgpu.Layout.WGMMA)
+                rows = plgpu.broadcasted_iota(
+                    jnp.int32, (block_q, block_k), 0, layout=plgpu.Layout.WGMMA
+                )
+                cols = plgpu.broadcasted_iota(
+                    jnp.int32, (block_q, block_k), 1, layout=plgpu.Layout.WGMMA
+                )
                 s = jnp.where(rows + (row0 + offset) >= cols + kv_step * block_k, s, -jnp.inf)
             m_new = jnp.maximum(m, s.max(axis=1))
             alpha = jnp.exp2(m - m_new)
@@ -123,8 +144,7 @@ def _kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, scoped, *, scale: float, caus
 
                 @pl.when(nxt < steps)
                 def _():
-                    plgpu.barrier_wait(k_ready.at[lax.rem(nxt, jnp.array(num_stages,
-                                                                        nxt.dtype))])
+                    plgpu.barrier_wait(k_ready.at[lax.rem(nxt, jnp.array(num_stages, nxt.dtype))])
 
             acc = pl.run_state(pv_matmul)(plgpu.ACC.init(acc))
             plgpu.barrier_arrive(v_consumed.at[slot])
@@ -168,9 +188,10 @@ def _kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, scoped, *, scale: float, caus
             plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_ready.at[slot])
 
         for i in range(num_stages):
+
             @pl.when(i < cta_steps)
             def _():
-                fetch(jnp.int32(i), i)
+                fetch(jnp.int32(i), i)  # noqa: B023 (pl.when runs the body immediately)
 
         @pl.loop(num_stages, jnp.maximum(cta_steps, num_stages))
         def _stream(kv_step):
@@ -190,9 +211,17 @@ def forward(q, k, v, *, scale: float, causal: bool, config: MosaicConfig, interp
     num_stages = max(2, min(config.num_stages, kv_len // block_k))
     num_q_tiles = q_len // (2 * block_q)
     kernel = functools.partial(
-        _kernel, scale=scale, causal=causal, offset=kv_len - q_len, block_q=block_q,
-        block_k=block_k, num_stages=num_stages, group=heads // kv_heads,
-        num_q_tiles=num_q_tiles, kv_len=kv_len)
+        _kernel,
+        scale=scale,
+        causal=causal,
+        offset=kv_len - q_len,
+        block_q=block_q,
+        block_k=block_k,
+        num_stages=num_stages,
+        group=heads // kv_heads,
+        num_q_tiles=num_q_tiles,
+        kv_len=kv_len,
+    )
 
     def entry(q_ref, k_ref, v_ref, out_ref, lse_ref):
         transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
@@ -210,14 +239,19 @@ def forward(q, k, v, *, scale: float, causal: bool, config: MosaicConfig, interp
         consumed = (plgpu.Barrier(num_arrivals=2, num_barriers=num_stages),) * 2
         pl.run_scoped(
             lambda *scoped: kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, scoped),
-            smem, ready, consumed, plgpu.Barrier(num_arrivals=2),
+            smem,
+            ready,
+            consumed,
+            plgpu.Barrier(num_arrivals=2),
             collective_axes="wg",
         )
 
     return plgpu.kernel(
         entry,
-        out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype),
-                  jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32)),
+        out_type=(
+            jax.ShapeDtypeStruct(q.shape, q.dtype),
+            jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32),
+        ),
         grid=(heads, num_q_tiles, batch),
         grid_names=("heads", "q_seq", "batch"),
         num_threads=3,

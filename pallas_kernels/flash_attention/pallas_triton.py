@@ -27,8 +27,9 @@ MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 def _dot(a: jax.Array, b: jax.Array, *, trans_a: bool = False, trans_b: bool = False):
     """fp32-accumulated matmul; fp32 inputs stay fp32 (no tf32)."""
     dims = (((0,) if trans_a else (1,), (1,) if trans_b else (0,)), ((), ()))
-    return lax.dot_general(a, b, dims, precision=lax.Precision.HIGHEST,
-                           preferred_element_type=jnp.float32)
+    return lax.dot_general(
+        a, b, dims, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32
+    )
 
 
 def _cdiv(a, b: int):
@@ -69,8 +70,19 @@ def _mask(rows, cols, length, *, causal: bool, offset: int):
 
 
 def _forward_kernel(
-    length_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
-    *, scale: float, causal: bool, offset: int, block_q: int, block_k: int, num_q_blocks: int,
+    length_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    o_ref,
+    lse_ref,
+    *,
+    scale: float,
+    causal: bool,
+    offset: int,
+    block_q: int,
+    block_k: int,
+    num_q_blocks: int,
 ):
     # length_ref: [] int32; q_ref, o_ref: [block_q, D]; k_ref, v_ref: [S_pad, D];
     # lse_ref: [block_q] fp32
@@ -99,8 +111,9 @@ def _forward_kernel(
         acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
         return acc, m_next, l_next
 
-    full, hi = _q_block_bounds(q_block, length, block_q=block_q, block_k=block_k,
-                               causal=causal, offset=offset)
+    full, hi = _q_block_bounds(
+        q_block, length, block_q=block_q, block_k=block_k, causal=causal, offset=offset
+    )
     carry = (
         jnp.zeros((block_q, head_dim), jnp.float32),
         jnp.full((block_q,), MASK_VALUE, jnp.float32),
@@ -114,8 +127,19 @@ def _forward_kernel(
     lse_ref[...] = jnp.where(empty, -jnp.inf, (m + jnp.log2(l_safe)) / LOG2E)
 
 
-def forward(q, k, v, lengths, *, scale: float, causal: bool, offset: int, config: TritonConfig,
-            interpret: bool, debug: bool = False):
+def forward(
+    q,
+    k,
+    v,
+    lengths,
+    *,
+    scale: float,
+    causal: bool,
+    offset: int,
+    config: TritonConfig,
+    interpret: bool,
+    debug: bool = False,
+):
     """q [B, T_pad, H, D], k/v [B, S_pad, K, D], lengths [B] int32 -> out [B, T_pad, H, D],
     lse [B, H, T_pad] fp32 (natural log)."""
     batch, q_len, heads, head_dim = q.shape
@@ -123,8 +147,15 @@ def forward(q, k, v, lengths, *, scale: float, causal: bool, offset: int, config
     group = heads // kv_heads
     block_q, block_k = config.block_q, config.block_k
     num_q_blocks = q_len // block_q
-    kernel = functools.partial(_forward_kernel, scale=scale, causal=causal, offset=offset,
-                               block_q=block_q, block_k=block_k, num_q_blocks=num_q_blocks)
+    kernel = functools.partial(
+        _forward_kernel,
+        scale=scale,
+        causal=causal,
+        offset=offset,
+        block_q=block_q,
+        block_k=block_k,
+        num_q_blocks=num_q_blocks,
+    )
     qb = _q_block_map(causal, num_q_blocks)
     in_specs = [
         pl.BlockSpec((None,), lambda i, b, h: (b,)),
@@ -145,8 +176,9 @@ def forward(q, k, v, lengths, *, scale: float, causal: bool, offset: int, config
             jax.ShapeDtypeStruct(q.shape, q.dtype),
             jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32),
         ],
-        compiler_params=pltriton.CompilerParams(num_warps=config.num_warps,
-                                                num_stages=config.num_stages),
+        compiler_params=pltriton.CompilerParams(
+            num_warps=config.num_warps, num_stages=config.num_stages
+        ),
         interpret=interpret,
         debug=debug,
         name="flash_attention_fwd",
@@ -154,8 +186,21 @@ def forward(q, k, v, lengths, *, scale: float, causal: bool, offset: int, config
 
 
 def _dq_kernel(
-    length_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
-    *, scale: float, causal: bool, offset: int, block_q: int, block_k: int, num_q_blocks: int,
+    length_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    dq_ref,
+    *,
+    scale: float,
+    causal: bool,
+    offset: int,
+    block_q: int,
+    block_k: int,
+    num_q_blocks: int,
 ):
     # length_ref: [] int32; q_ref, do_ref, dq_ref: [block_q, D]; k_ref, v_ref: [S_pad, D];
     # lse_ref, delta_ref: [block_q] fp32
@@ -180,8 +225,9 @@ def _dq_kernel(
         ds = p * (dp - delta[:, None])
         return dq + _dot(ds.astype(k.dtype), k)
 
-    full, hi = _q_block_bounds(q_block, length, block_q=block_q, block_k=block_k,
-                               causal=causal, offset=offset)
+    full, hi = _q_block_bounds(
+        q_block, length, block_q=block_q, block_k=block_k, causal=causal, offset=offset
+    )
     dq = jnp.zeros(q.shape, jnp.float32)
     dq = lax.fori_loop(0, full, functools.partial(body, masked=False), dq)
     dq = lax.fori_loop(full, hi, functools.partial(body, masked=True), dq)
@@ -189,8 +235,22 @@ def _dq_kernel(
 
 
 def _dkv_kernel(
-    length_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
-    *, scale: float, causal: bool, offset: int, block_q: int, block_k: int, group: int,
+    length_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    dk_ref,
+    dv_ref,
+    *,
+    scale: float,
+    causal: bool,
+    offset: int,
+    block_q: int,
+    block_k: int,
+    group: int,
 ):
     # length_ref: [] int32; q_ref, do_ref: [T_pad, G, D]; k_ref, v_ref, dk_ref, dv_ref:
     # [block_k, D]; lse_ref, delta_ref: [G, T_pad] fp32
@@ -242,16 +302,31 @@ def _dkv_kernel(
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def backward(q, k, v, lengths, out, lse, do, *, scale: float, causal: bool, offset: int,
-             config: TritonConfig, interpret: bool, debug: bool = False):
+def backward(
+    q,
+    k,
+    v,
+    lengths,
+    out,
+    lse,
+    do,
+    *,
+    scale: float,
+    causal: bool,
+    offset: int,
+    config: TritonConfig,
+    interpret: bool,
+    debug: bool = False,
+):
     """Gradients (dq, dk, dv) of the padded problem; GQA dk/dv summed over each group."""
     batch, q_len, heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
     group = heads // kv_heads
     # [B, H, T_pad]: rowsum(o * do), the softmax-gradient correction of FlashAttention-2.
     delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32))
-    params = pltriton.CompilerParams(num_warps=config.num_warps_bwd,
-                                     num_stages=config.num_stages_bwd)
+    params = pltriton.CompilerParams(
+        num_warps=config.num_warps_bwd, num_stages=config.num_stages_bwd
+    )
 
     block_q, block_k = config.block_q_dq, config.block_k_dq
     num_q_blocks = q_len // block_q
@@ -260,11 +335,25 @@ def backward(q, k, v, lengths, out, lse, do, *, scale: float, causal: bool, offs
     kv_spec = pl.BlockSpec((None, kv_len, None, head_dim), lambda i, b, h: (b, 0, h // group, 0))
     row_spec = pl.BlockSpec((None, None, block_q), lambda i, b, h: (b, h, qb(i)))
     dq = pl.pallas_call(
-        functools.partial(_dq_kernel, scale=scale, causal=causal, offset=offset,
-                          block_q=block_q, block_k=block_k, num_q_blocks=num_q_blocks),
+        functools.partial(
+            _dq_kernel,
+            scale=scale,
+            causal=causal,
+            offset=offset,
+            block_q=block_q,
+            block_k=block_k,
+            num_q_blocks=num_q_blocks,
+        ),
         grid=(num_q_blocks, batch, heads),
-        in_specs=[pl.BlockSpec((None,), lambda i, b, h: (b,)), q_spec, kv_spec, kv_spec, q_spec,
-                  row_spec, row_spec],
+        in_specs=[
+            pl.BlockSpec((None,), lambda i, b, h: (b,)),
+            q_spec,
+            kv_spec,
+            kv_spec,
+            q_spec,
+            row_spec,
+            row_spec,
+        ],
         out_specs=q_spec,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=params,
@@ -278,11 +367,25 @@ def backward(q, k, v, lengths, out, lse, do, *, scale: float, causal: bool, offs
     kv_spec = pl.BlockSpec((None, block_k, None, head_dim), lambda i, b, h: (b, i, h, 0))
     row_spec = pl.BlockSpec((None, group, q_len), lambda i, b, h: (b, h, 0))
     dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, scale=scale, causal=causal, offset=offset,
-                          block_q=block_q, block_k=block_k, group=group),
+        functools.partial(
+            _dkv_kernel,
+            scale=scale,
+            causal=causal,
+            offset=offset,
+            block_q=block_q,
+            block_k=block_k,
+            group=group,
+        ),
         grid=(kv_len // block_k, batch, kv_heads),
-        in_specs=[pl.BlockSpec((None,), lambda i, b, h: (b,)), q_spec, kv_spec, kv_spec, q_spec,
-                  row_spec, row_spec],
+        in_specs=[
+            pl.BlockSpec((None,), lambda i, b, h: (b,)),
+            q_spec,
+            kv_spec,
+            kv_spec,
+            q_spec,
+            row_spec,
+            row_spec,
+        ],
         out_specs=[kv_spec, kv_spec],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         compiler_params=params,

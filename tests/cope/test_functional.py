@@ -60,8 +60,9 @@ def np_cope(q, k, v, e, *, causal, lengths=None, nodiv=False, gate_k=None, bias=
                 idx = [j for j in range(s) if allowed(b, i, j, t, s, causal, lengths)]
                 if not idx:
                     continue
-                gates = {j: 1 / (1 + np.exp(-(q[b, i, hh] @ gk[b, j, kh]) / np.sqrt(d)))
-                         for j in idx}
+                gates = {
+                    j: 1 / (1 + np.exp(-(q[b, i, hh] @ gk[b, j, kh]) / np.sqrt(d))) for j in idx
+                }
                 logits = []
                 for j in idx:
                     p = min(sum(g for m, g in gates.items() if m >= j), npos - 1)
@@ -90,7 +91,7 @@ def fresh_keys(n):
 CASES = [
     # (batch, q_len, kv_len, heads, kv_heads, head_dim, causal, ragged)
     (2, 7, 7, 4, 4, 8, True, False),
-    (2, 5, 9, 4, 2, 8, True, True),   # q_len < kv_len, GQA 4->2, ragged lengths
+    (2, 5, 9, 4, 2, 8, True, True),  # q_len < kv_len, GQA 4->2, ragged lengths
     (1, 1, 13, 8, 2, 16, True, False),  # one decode query
     (2, 6, 11, 4, 1, 8, False, True),  # not causal, GQA 4->1, ragged
 ]
@@ -112,8 +113,9 @@ def make_inputs(case, dtype=jnp.float32):
 def test_attention_matches_float64_reference(case):
     q, k, v, lengths, causal = make_inputs(case)
     out = F.attention(q, k, v, causal=causal, lengths=lengths)
-    ref = np_attention(q, k, v, causal=causal, lengths=None if lengths is None else
-                       np.asarray(lengths))
+    ref = np_attention(
+        q, k, v, causal=causal, lengths=None if lengths is None else np.asarray(lengths)
+    )
     np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
 
 
@@ -140,8 +142,15 @@ def test_cope_matches_float64_reference(case, nodiv):
     npos = 5  # small enough that long rows hit the clamp
     e = randn(fresh_keys(1)[0], (npos, q.shape[-1]))
     out = F.cope_attention(q, k, v, e, causal=causal, lengths=lengths, nodiv=nodiv)
-    ref = np_cope(q, k, v, e, causal=causal, nodiv=nodiv,
-                  lengths=None if lengths is None else np.asarray(lengths))
+    ref = np_cope(
+        q,
+        k,
+        v,
+        e,
+        causal=causal,
+        nodiv=nodiv,
+        lengths=None if lengths is None else np.asarray(lengths),
+    )
     np.testing.assert_allclose(out, ref, atol=3e-5, rtol=3e-5)
 
 
@@ -206,8 +215,10 @@ def test_attention_gradients_match_finite_differences():
 def test_bf16_in_bf16_out_and_close_to_fp32():
     q, k, v, lengths, _ = make_inputs(CASES[1], jnp.bfloat16)
     e = randn(fresh_keys(1)[0], (16, q.shape[-1]), jnp.bfloat16)
-    for fn in (lambda *a: F.attention(*a[:3], lengths=lengths),
-               lambda *a: F.cope_attention(*a, lengths=lengths)):
+    for fn in (
+        lambda *a: F.attention(*a[:3], lengths=lengths),
+        lambda *a: F.cope_attention(*a, lengths=lengths),
+    ):
         out = jax.jit(fn)(q, k, v, e)
         assert out.dtype == jnp.bfloat16
         ref = fn(*(x.astype(jnp.float32) for x in (q, k, v, e)))
@@ -238,11 +249,13 @@ def test_relative_logits_cap_and_offset():
             for i in range(3):
                 for j in range(s):
                     dist = np.clip(i + (s - 3) - j, 0, 3)
-                    np.testing.assert_allclose(got[b, h, i, j], q[b, i, h] @ r[dist], rtol=1e-5,
-                                               atol=1e-5)
+                    np.testing.assert_allclose(
+                        got[b, h, i, j], q[b, i, h] @ r[dist], rtol=1e-5, atol=1e-5
+                    )
                     dist = np.clip(i + offsets[b] - j, 0, 3)
-                    np.testing.assert_allclose(got_ragged[b, h, i, j], q[b, i, h] @ r[dist],
-                                               rtol=1e-5, atol=1e-5)
+                    np.testing.assert_allclose(
+                        got_ragged[b, h, i, j], q[b, i, h] @ r[dist], rtol=1e-5, atol=1e-5
+                    )
 
 
 @pytest.mark.parametrize(

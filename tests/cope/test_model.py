@@ -15,8 +15,20 @@ V = 13
 
 
 def tiny(encoding, **overrides):
-    cfg = dict(vocab_size=V, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2,
-               encoding=encoding, max_len=24, npos=9, dropout=0.1) | overrides
+    cfg = (
+        dict(
+            vocab_size=V,
+            num_layers=2,
+            d_model=32,
+            num_heads=4,
+            num_kv_heads=2,
+            encoding=encoding,
+            max_len=24,
+            npos=9,
+            dropout=0.1,
+        )
+        | overrides
+    )
     return ModelConfig(**cfg)
 
 
@@ -67,8 +79,10 @@ def test_jit_grad_runs_and_is_finite(encoding):
     def loss_and_grad(model, x):
         def loss(model):
             logits = model(x[:, :-1])
-            return -jnp.mean(jax.nn.log_softmax(logits)[
-                jnp.arange(2)[:, None], jnp.arange(8)[None], x[:, 1:]])
+            return -jnp.mean(
+                jax.nn.log_softmax(logits)[jnp.arange(2)[:, None], jnp.arange(8)[None], x[:, 1:]]
+            )
+
         return nnx.value_and_grad(loss)(model)
 
     value, grads = loss_and_grad(model, x)
@@ -86,15 +100,15 @@ def test_pallas_attention_model_matches_xla():
     pallas.eval()
     x = tokens(2, 13)
     lengths = jnp.array([13, 8], jnp.int32)
-    np.testing.assert_allclose(pallas(x, lengths=lengths), xla(x, lengths=lengths), atol=2e-4,
-                               rtol=2e-4)
+    np.testing.assert_allclose(
+        pallas(x, lengths=lengths), xla(x, lengths=lengths), atol=2e-4, rtol=2e-4
+    )
 
 
 def test_jit_equals_eager():
     model = make_model(tiny("cope+relative"))
     x = tokens(2, 7)
-    np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(model, x), model(x), atol=1e-5,
-                               rtol=1e-5)
+    np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(model, x), model(x), atol=1e-5, rtol=1e-5)
 
 
 def test_dropout_active_only_in_train_mode():
@@ -116,8 +130,16 @@ def test_bf16_params_and_compute(encoding):
 
 
 def test_options_shared_cope_sep_key_prenorm_rmsnorm_untied_remat():
-    cfg = tiny("cope+rope", cope_shared=True, cope_sep_key=True, post_norm=False,
-               norm="rmsnorm", tie_embeddings=False, remat=True, cope_nodiv=True)
+    cfg = tiny(
+        "cope+rope",
+        cope_shared=True,
+        cope_sep_key=True,
+        post_norm=False,
+        norm="rmsnorm",
+        tie_embeddings=False,
+        remat=True,
+        cope_nodiv=True,
+    )
     model = make_model(cfg)
     x = tokens(2, 9)
     grads = nnx.jit(lambda m, x: nnx.grad(lambda m: m(x).mean())(m))(model, x)

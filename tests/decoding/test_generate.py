@@ -25,8 +25,20 @@ CASE_IDS = [e + "".join(f"-{k}" for k in o) for e, o in CASES]
 def tiny(encoding, **overrides):
     # Untied embeddings: a tied random model mostly repeats its last token, which would make
     # "cached == recomputed" hold trivially.
-    cfg = dict(vocab_size=V, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2,
-               encoding=encoding, max_len=24, npos=9, tie_embeddings=False) | overrides
+    cfg = (
+        dict(
+            vocab_size=V,
+            num_layers=2,
+            d_model=32,
+            num_heads=4,
+            num_kv_heads=2,
+            encoding=encoding,
+            max_len=24,
+            npos=9,
+            tie_embeddings=False,
+        )
+        | overrides
+    )
     return ModelConfig(**cfg)
 
 
@@ -56,7 +68,7 @@ def greedy_by_recomputation(model, x, lengths, n):
     rows = np.arange(b)
     out = []
     for step in range(n):
-        logits = model(jnp.asarray(seq[:, :t + step]), lengths=jnp.asarray(cur))
+        logits = model(jnp.asarray(seq[:, : t + step]), lengths=jnp.asarray(cur))
         nxt = np.argmax(np.asarray(logits)[rows, cur - 1], axis=-1)
         seq[rows, cur] = nxt
         cur += 1
@@ -119,10 +131,15 @@ def test_kernel_path_equals_xla_path(encoding):
     x, lengths = prompts(3, 5, [5, 1, 3])
     phi = D.calibrate(model, x, lengths)
     xla = D.generate(model, x, lengths, max_new_tokens=4, decode_impl="xla")
-    for softmax, p in [("online", None), ("unified_max", None), ("unified_max", phi),
-                       ("unified_max", 200.0)]:
-        out = D.generate(model, x, lengths, max_new_tokens=4, decode_impl="pallas",
-                         softmax=softmax, phi=p)
+    for softmax, p in [
+        ("online", None),
+        ("unified_max", None),
+        ("unified_max", phi),
+        ("unified_max", 200.0),
+    ]:
+        out = D.generate(
+            model, x, lengths, max_new_tokens=4, decode_impl="pallas", softmax=softmax, phi=p
+        )
         np.testing.assert_array_equal(out.tokens, xla.tokens, err_msg=f"{softmax} phi={p}")
     _, cache = D.prefill(model, x, lengths, max_len=6)
     tok = jnp.array([1, 2, 3])
@@ -212,8 +229,9 @@ def test_calibrate_returns_finite_phi_per_layer():
 
     h = model.embed_tokens(x, jnp.broadcast_to(jnp.arange(8), (2, 8)))
     block = model.blocks[0]
-    qs, ks, _, gk = block.attn.project(h if block.post_norm else block.attn_norm(h),
-                                       jnp.broadcast_to(jnp.arange(8), (2, 8)))
+    qs, ks, _, gk = block.attn.project(
+        h if block.post_norm else block.attn_norm(h), jnp.broadcast_to(jnp.arange(8), (2, 8))
+    )
     mask = F.attention_mask(8, 8, causal=True, lengths=lengths)
     logits = scaled_logits(block.attn, qs, ks, gk, mask, None, None)
     top = np.asarray(jnp.max(jnp.where(mask, logits, -jnp.inf)))
@@ -252,8 +270,9 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="sampler"):
         D.generate(model, x, lengths, max_new_tokens=2, sampler="greedy")
     with pytest.raises(ValueError, match="decode_impl='pallas'"):
-        D.generate(make_model(tiny("cope", d_model=64)), x, lengths, max_new_tokens=2,
-                   decode_impl="pallas")
+        D.generate(
+            make_model(tiny("cope", d_model=64)), x, lengths, max_new_tokens=2, decode_impl="pallas"
+        )
     _, cache = D.prefill(model, x, lengths)  # max_len 6: row 0 is full
     with pytest.raises(ValueError, match="past the cache"):
         D.decode_step(model, cache, jnp.array([1, 2]))

@@ -52,8 +52,13 @@ def test_temperature_to_zero_is_greedy():
     logits = random_logits()
     greedy = np.asarray(samplers.greedy()(None, logits))
     np.testing.assert_array_equal(greedy, np.argmax(logits, -1))
-    for sampler in (samplers.temperature(1e-6), samplers.temperature(0.0),
-                    samplers.top_k(5, 0.0), samplers.top_p(0.9, 0.0), samplers.top_p(0.9, 1e-6)):
+    for sampler in (
+        samplers.temperature(1e-6),
+        samplers.temperature(0.0),
+        samplers.top_k(5, 0.0),
+        samplers.top_p(0.9, 0.0),
+        samplers.top_p(0.9, 1e-6),
+    ):
         assert (draws(sampler, logits, n=3) == greedy).all(), sampler
 
 
@@ -73,15 +78,18 @@ def test_samplers_hash_by_value():
     assert hash(samplers.top_k(3)) == hash(samplers.top_k(3))
 
 
-@pytest.mark.parametrize("make", [
-    lambda: samplers.top_k(0),
-    lambda: samplers.top_k(2.5),
-    lambda: samplers.top_k(3, -1.0),
-    lambda: samplers.top_p(0.0),
-    lambda: samplers.top_p(1.5),
-    lambda: samplers.temperature(-0.1),
-    lambda: samplers.temperature(float("nan")),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: samplers.top_k(0),
+        lambda: samplers.top_k(2.5),
+        lambda: samplers.top_k(3, -1.0),
+        lambda: samplers.top_p(0.0),
+        lambda: samplers.top_p(1.5),
+        lambda: samplers.temperature(-0.1),
+        lambda: samplers.temperature(float("nan")),
+    ],
+)
 def test_bad_sampler_arguments_raise(make):
     with pytest.raises(ValueError):
         make()

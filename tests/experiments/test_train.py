@@ -8,7 +8,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 
@@ -30,8 +29,14 @@ def smoke(task, variant="cope", **overrides):
 
 def run_child(code: str, env_extra: dict | None = None, check=True) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT), **(env_extra or {}))
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"child failed ({result.returncode}):\n{result.stderr[-3000:]}")
     return result
@@ -79,12 +84,26 @@ def test_bad_variant_and_option_raise():
 
 
 def test_cli_reports_bad_field_in_one_line(tmp_path, capsys):
-    code = train.main(["--config", "configs/flipflop.py:cope,smoke", "--workdir", str(tmp_path),
-                       "--config.model.encodin=rope"])
+    code = train.main(
+        [
+            "--config",
+            "configs/flipflop.py:cope,smoke",
+            "--workdir",
+            str(tmp_path),
+            "--config.model.encodin=rope",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "model.encodin" in err[0]
-    code = train.main(["--config", "configs/flipflop.py:cope,smoke", "--workdir", str(tmp_path),
-                       "--config.model.encoding=alibi"])
+    code = train.main(
+        [
+            "--config",
+            "configs/flipflop.py:cope,smoke",
+            "--workdir",
+            str(tmp_path),
+            "--config.model.encoding=alibi",
+        ]
+    )
     assert code == 2 and "encoding must be one of" in capsys.readouterr().err
 
 
@@ -94,8 +113,9 @@ def train_records(workdir: Path) -> list[dict]:
 
 
 def test_smoke_train_writes_the_run_directory(tmp_path):
-    results = train.train_and_evaluate(smoke("counting", **{"train.steps": 12}), tmp_path,
-                                       progress=False)
+    results = train.train_and_evaluate(
+        smoke("counting", **{"train.steps": 12}), tmp_path, progress=False
+    )
     assert set(results["final"]) == {"train", "valid", "test"}
     for split in results["final"].values():
         assert 0.0 <= split["token_error"] <= 1.0 and np.isfinite(split["loss"])
@@ -104,12 +124,21 @@ def test_smoke_train_writes_the_run_directory(tmp_path):
     assert list((tmp_path / "tensorboard").iterdir())
     assert Checkpoints(tmp_path / "checkpoints", keep=3).steps() == [10, 12]
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert any("eval" in r for r in records) and records[-1]["step"] == 12 and "final" in records[-1]
+    assert (
+        any("eval" in r for r in records) and records[-1]["step"] == 12 and "final" in records[-1]
+    )
 
 
 def test_training_reduces_the_loss(tmp_path):
-    config = smoke("flipflop", **{"train.steps": 60, "train.learning_rate": 3e-3,
-                                  "train.warmup_steps": 0, "train.log_every": 10})
+    config = smoke(
+        "flipflop",
+        **{
+            "train.steps": 60,
+            "train.learning_rate": 3e-3,
+            "train.warmup_steps": 0,
+            "train.log_every": 10,
+        },
+    )
     train.train_and_evaluate(config, tmp_path, progress=False)
     losses = [r["train"]["loss"] for r in train_records(tmp_path)]
     assert losses[-1] < 0.8 * losses[0]
@@ -158,7 +187,8 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path):
     ts = train.init_train_state(config, train.build_model_config(config, task))
     with pytest.warns(UserWarning, match="unreadable"):
         step, _, _ = Checkpoints(tmp_path / "checkpoints", keep=3).restore_latest(
-            abstract_like(ts.state, ts.shardings))
+            abstract_like(ts.state, ts.shardings)
+        )
     assert step == 5
 
 
@@ -168,8 +198,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     before = Checkpoints(tmp_path / "checkpoints", keep=3).steps()
     apply_override(config, "train.steps=20")
     real = train.masked_cross_entropy
-    monkeypatch.setattr(train, "masked_cross_entropy",
-                        lambda *a: (real(*a)[0] * np.nan, real(*a)[1]))
+    monkeypatch.setattr(
+        train, "masked_cross_entropy", lambda *a: (real(*a)[0] * np.nan, real(*a)[1])
+    )
     with pytest.raises(train.TrainingDiverged, match="loss became nan at step 10.*checkpoints/10"):
         train.train_and_evaluate(config, tmp_path, progress=False)
     assert Checkpoints(tmp_path / "checkpoints", keep=3).steps() == before
@@ -178,13 +209,15 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
 def test_resuming_with_a_different_config_is_refused(tmp_path):
     train.train_and_evaluate(smoke("flipflop", **{"train.steps": 2}), tmp_path, progress=False)
     with pytest.raises(ValueError, match="different config .*model/encoding"):
-        train.train_and_evaluate(smoke("flipflop", "rope", **{"train.steps": 2}), tmp_path,
-                                 progress=False)
+        train.train_and_evaluate(
+            smoke("flipflop", "rope", **{"train.steps": 2}), tmp_path, progress=False
+        )
 
 
 def test_data_parallel_step_equals_single_device():
     """4 fake CPU devices: params after 3 steps equal the 1-device run (and FSDP)."""
-    run_child("""
+    run_child(
+        """
         import jax, numpy as np
         from flax import nnx
         from experiments import train, sharding
@@ -216,14 +249,17 @@ def test_data_parallel_step_equals_single_device():
             for a, b in zip(params["one"], params[name]):
                 np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
         print("ok")
-    """, {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"})
+    """,
+        {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"},
+    )
 
 
 def test_evaluate_cli_reloads_the_run(tmp_path, capsys):
     from experiments import evaluate
 
-    results = train.train_and_evaluate(smoke("counting", **{"train.steps": 3}), tmp_path,
-                                       progress=False)
+    results = train.train_and_evaluate(
+        smoke("counting", **{"train.steps": 3}), tmp_path, progress=False
+    )
     assert evaluate.main(["--workdir", str(tmp_path)]) == 0
     again = json.loads((tmp_path / "eval.json").read_text())
     assert again["step"] == 3 and again["final"] == results["final"]

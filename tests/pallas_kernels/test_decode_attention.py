@@ -50,8 +50,9 @@ def _inputs(shape: DecodeShape, dtype, rng, *, lengths=None, q_scale: float = 1.
 
 def reference_f64(q, k_cache, v_cache, lengths, scale=None) -> np.ndarray:
     """Float64 numpy softmax attention of the rounded inputs; lengths == 0 rows are zeros."""
-    q64, k64, v64 = (np.asarray(jnp.asarray(x, jnp.float32), np.float64)
-                     for x in (q, k_cache, v_cache))
+    q64, k64, v64 = (
+        np.asarray(jnp.asarray(x, jnp.float32), np.float64) for x in (q, k_cache, v_cache)
+    )
     batch, heads, head_dim = q64.shape
     group = heads // k64.shape[2]
     scale = head_dim**-0.5 if scale is None else scale
@@ -75,16 +76,18 @@ def _assert_close(out, ref, dtype, tol=None):
 
 
 def _small_config(shape: DecodeShape, splits: int = 3, use_dot: bool = True) -> DecodeConfig:
-    return DecodeConfig(block_k=16, num_splits=min(splits, -(-shape.max_len // 16)),
-                        use_dot=use_dot)
+    return DecodeConfig(
+        block_k=16, num_splits=min(splits, -(-shape.max_len // 16)), use_dot=use_dot
+    )
 
 
 @pytest.mark.parametrize("softmax", MODES)
 @pytest.mark.parametrize("shape", TEST_SHAPES, ids=lambda s: s.name)
 def test_matches_float64_reference_fp32(shape, softmax):
     q, k, v, lengths = _inputs(shape, jnp.float32, _rng())
-    out = decode_attention(q, k, v, lengths, softmax=softmax, config=_small_config(shape),
-                           interpret=True)
+    out = decode_attention(
+        q, k, v, lengths, softmax=softmax, config=_small_config(shape), interpret=True
+    )
     assert out.shape == q.shape and out.dtype == q.dtype
     _assert_close(out, reference_f64(q, k, v, lengths), jnp.float32)
 
@@ -93,8 +96,9 @@ def test_matches_float64_reference_fp32(shape, softmax):
 def test_matches_float64_reference_bf16_gqa(softmax):
     shape = DecodeShape(3, 300, 8, 2, 32)  # GQA 8 -> 2, odd cache length, ragged
     q, k, v, lengths = _inputs(shape, jnp.bfloat16, _rng())
-    out = decode_attention(q, k, v, lengths, softmax=softmax, config=_small_config(shape, 4),
-                           interpret=True)
+    out = decode_attention(
+        q, k, v, lengths, softmax=softmax, config=_small_config(shape, 4), interpret=True
+    )
     assert out.dtype == jnp.bfloat16
     _assert_close(out, reference_f64(q, k, v, lengths), jnp.bfloat16)
 
@@ -104,8 +108,15 @@ def test_matches_float64_reference_bf16_gqa(softmax):
 def test_vector_path_mha(softmax, splits):
     shape = DecodeShape(2, 77, 3, 3, 32)
     q, k, v, lengths = _inputs(shape, jnp.float32, _rng())
-    out = decode_attention(q, k, v, lengths, softmax=softmax, interpret=True,
-                           config=_small_config(shape, splits, use_dot=False))
+    out = decode_attention(
+        q,
+        k,
+        v,
+        lengths,
+        softmax=softmax,
+        interpret=True,
+        config=_small_config(shape, splits, use_dot=False),
+    )
     _assert_close(out, reference_f64(q, k, v, lengths), jnp.float32)
 
 
@@ -125,10 +136,12 @@ def test_kernel_partials_match_reference(softmax):
     config = DecodeConfig(block_k=16, num_splits=3)
     split_len, splits = split_layout(shape.max_len, config.num_splits, config.block_k)
     qg = q.reshape(2, 2, 2, 32)
-    got = decode_partials(qg, k, v, lengths, phi, scale=0.2, softmax=softmax, config=config,
-                          interpret=True)
-    want = decode_partials_reference(q, k, v, lengths, phi, scale=0.2, softmax=softmax,
-                                     split_len=split_len)
+    got = decode_partials(
+        qg, k, v, lengths, phi, scale=0.2, softmax=softmax, config=config, interpret=True
+    )
+    want = decode_partials_reference(
+        q, k, v, lengths, phi, scale=0.2, softmax=softmax, split_len=split_len
+    )
     assert got.o.shape == (2, 2, splits, 2, 32) and got.m.shape == (2, 2, splits, 2)
     for g, w in zip(got, want):
         g, w = np.asarray(g), np.asarray(w)
@@ -142,13 +155,23 @@ def test_kernel_recomputes_out_of_window_splits():
     q, k, v, lengths = _inputs(shape, jnp.float32, _rng(), lengths=[100, 20])
     phi = jnp.asarray([[0.0, 1e4], [0.0, 0.0]], jnp.float32)  # one head far above its logits
     config = DecodeConfig(block_k=16, num_splits=3)
-    got = decode_partials(q.reshape(2, 2, 2, 32), k, v, lengths, phi, scale=0.2,
-                          softmax="unified_max", config=config, interpret=True)
+    got = decode_partials(
+        q.reshape(2, 2, 2, 32),
+        k,
+        v,
+        lengths,
+        phi,
+        scale=0.2,
+        softmax="unified_max",
+        config=config,
+        interpret=True,
+    )
     m, shift = np.asarray(got.m), np.asarray(got.shift)
     has_keys = np.isfinite(m)
     # the flagged head reports its own max as shift, the others keep φ
-    np.testing.assert_array_equal(shift[:, 0, :, 1][has_keys[:, 0, :, 1]],
-                                  m[:, 0, :, 1][has_keys[:, 0, :, 1]])
+    np.testing.assert_array_equal(
+        shift[:, 0, :, 1][has_keys[:, 0, :, 1]], m[:, 0, :, 1][has_keys[:, 0, :, 1]]
+    )
     assert (shift[:, 0, :, 0][has_keys[:, 0, :, 0]] == 0).all()
     assert (shift[:, 1][has_keys[:, 1]] == 0).all()
     assert np.isneginf(shift[~has_keys]).all()  # empty splits weigh nothing
@@ -156,14 +179,28 @@ def test_kernel_recomputes_out_of_window_splits():
     _assert_close(out, reference_f64(q, k, v, lengths, scale=0.2), jnp.float32)
 
 
-@pytest.mark.parametrize("softmax,fallback,splits", [
-    ("online", "kernel", 3), ("unified_max", "kernel", 3), ("unified_max", "kernel", 1),
-    ("unified_max", "cond", 3)])
+@pytest.mark.parametrize(
+    "softmax,fallback,splits",
+    [
+        ("online", "kernel", 3),
+        ("unified_max", "kernel", 3),
+        ("unified_max", "kernel", 1),
+        ("unified_max", "cond", 3),
+    ],
+)
 def test_adversarial_logits_take_the_fallback(softmax, fallback, splits):
     shape = DecodeShape(3, 50, 4, 2, 32)
     q, k, v, lengths = _inputs(shape, jnp.float32, _rng(), q_scale=1000.0)
-    out = decode_attention(q, k, v, lengths, softmax=softmax, fallback=fallback,
-                           config=_small_config(shape, splits), interpret=True)
+    out = decode_attention(
+        q,
+        k,
+        v,
+        lengths,
+        softmax=softmax,
+        fallback=fallback,
+        config=_small_config(shape, splits),
+        interpret=True,
+    )
     # fp32 rounding of logits of size |s| moves the weights by ~eps·|s|: the reference itself
     # is only that close to the exact value.
     s_max = float(np.abs(reference_logits(q, k)).max())
@@ -171,8 +208,9 @@ def test_adversarial_logits_take_the_fallback(softmax, fallback, splits):
     if softmax == "unified_max":
         split_len, _ = split_layout(50, 3, 16)
         phi = jnp.zeros((2, 2), jnp.float32)
-        parts = decode_partials_reference(q, k, v, lengths, phi, scale=32**-0.5,
-                                          softmax="unified_max", split_len=split_len)
+        parts = decode_partials_reference(
+            q, k, v, lengths, phi, scale=32**-0.5, softmax="unified_max", split_len=split_len
+        )
         flags = unified_fallback_flags(parts, phi, 50, combine_unified(parts))
         assert bool(jnp.any(flags))
 
@@ -189,8 +227,16 @@ def reference_logits(q, k):
 def test_phi_out_of_window_is_exact(phi, fallback, splits):
     shape = DecodeShape(2, 60, 4, 4, 16)
     q, k, v, lengths = _inputs(shape, jnp.float32, _rng())
-    out = decode_attention(q, k, v, lengths, phi=phi, config=_small_config(shape, splits),
-                           fallback=fallback, interpret=True)
+    out = decode_attention(
+        q,
+        k,
+        v,
+        lengths,
+        phi=phi,
+        config=_small_config(shape, splits),
+        fallback=fallback,
+        interpret=True,
+    )
     _assert_close(out, reference_f64(q, k, v, lengths), jnp.float32)
 
 
@@ -198,8 +244,7 @@ def test_per_head_phi():
     shape = DecodeShape(2, 60, 4, 2, 16)
     q, k, v, lengths = _inputs(shape, jnp.float32, _rng())
     phi = jnp.asarray([0.0, 2.0, -3.0, 1e4], jnp.float32)  # the last head falls back
-    out = decode_attention(q, k, v, lengths, phi=phi, config=_small_config(shape),
-                           interpret=True)
+    out = decode_attention(q, k, v, lengths, phi=phi, config=_small_config(shape), interpret=True)
     _assert_close(out, reference_f64(q, k, v, lengths), jnp.float32)
 
 
@@ -208,8 +253,11 @@ def test_per_head_phi():
 def test_zero_length_rows_are_zeros(softmax, splits):
     shape = DecodeShape(3, 40, 4, 2, 16)
     q, k, v, lengths = _inputs(shape, jnp.float32, _rng(), lengths=[0, 40, 0])
-    out = np.asarray(decode_attention(q, k, v, lengths, softmax=softmax,
-                                      config=_small_config(shape, splits), interpret=True))
+    out = np.asarray(
+        decode_attention(
+            q, k, v, lengths, softmax=softmax, config=_small_config(shape, splits), interpret=True
+        )
+    )
     assert (out[0] == 0).all() and (out[2] == 0).all()
     _assert_close(out, reference_f64(q, k, v, lengths), jnp.float32)
 
@@ -217,8 +265,9 @@ def test_zero_length_rows_are_zeros(softmax, splits):
 def test_lengths_beyond_cache_are_clipped():
     shape = DecodeShape(2, 30, 2, 2, 16)
     q, k, v, _ = _inputs(shape, jnp.float32, _rng())
-    out = decode_attention(q, k, v, jnp.asarray([1000, 30], jnp.int32),
-                           config=_small_config(shape), interpret=True)
+    out = decode_attention(
+        q, k, v, jnp.asarray([1000, 30], jnp.int32), config=_small_config(shape), interpret=True
+    )
     _assert_close(out, reference_f64(q, k, v, [30, 30]), jnp.float32)
 
 
@@ -232,11 +281,13 @@ def test_under_jit():
 def test_jnp_reference_matches_float64():
     shape = DecodeShape(3, 50, 6, 2, 16)
     q, k, v, lengths = _inputs(shape, jnp.float32, _rng(), lengths=[50, 0, 7])
-    _assert_close(decode_attention_reference(q, k, v, lengths),
-                  reference_f64(q, k, v, lengths), jnp.float32)
+    _assert_close(
+        decode_attention_reference(q, k, v, lengths), reference_f64(q, k, v, lengths), jnp.float32
+    )
 
 
 # --- combine and fallback helpers on their own -------------------------------------------------
+
 
 def _random_partials(rng, splits=5, empty_split=True):
     b, k, g, d = 2, 3, 2, 8
@@ -263,10 +314,16 @@ def test_combine_unified_matches_numpy_and_zero_rows():
     _, l, o = _random_partials(_rng())
     l[1, 2] = 0.0  # a row with no keys at all
     o[1, 2] = 0.0
-    got = np.asarray(combine_unified(DecodePartials(jnp.asarray(o, jnp.float32),
-                                                    jnp.asarray(l, jnp.float32),
-                                                    jnp.zeros(l.shape, jnp.float32),
-                                                    jnp.zeros(l.shape, jnp.float32))))
+    got = np.asarray(
+        combine_unified(
+            DecodePartials(
+                jnp.asarray(o, jnp.float32),
+                jnp.asarray(l, jnp.float32),
+                jnp.zeros(l.shape, jnp.float32),
+                jnp.zeros(l.shape, jnp.float32),
+            )
+        )
+    )
     want = o.sum(2) / np.where(l.sum(2) > 0, l.sum(2), 1.0)[..., None]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert (got[1, 2] == 0).all()
@@ -279,8 +336,9 @@ def test_combines_agree_for_any_split(split_len):
     phi = jnp.full((2, 2), 1.5, jnp.float32)
     ref = reference_f64(q, k, v, lengths)
     for softmax, combine in (("online", combine_online), ("unified_max", combine_unified)):
-        parts = decode_partials_reference(q, k, v, lengths, phi, scale=0.25, softmax=softmax,
-                                          split_len=split_len)
+        parts = decode_partials_reference(
+            q, k, v, lengths, phi, scale=0.25, softmax=softmax, split_len=split_len
+        )
         out = combine(parts).reshape(q.shape)
         _assert_close(out, reference_f64(q, k, v, lengths, scale=0.25), jnp.float32)
     del ref
@@ -316,13 +374,18 @@ def test_fallback_flags_and_row_replacement():
     np.testing.assert_allclose(out[~expected], np.asarray(combine_unified(parts))[~expected])
     # nothing flagged: the fallback is not taken
     m2 = np.clip(m, -5, 5)
-    parts2 = DecodePartials(jnp.asarray(np.nan_to_num(o, posinf=0.0), jnp.float32),
-                            parts.l, jnp.asarray(m2, jnp.float32), parts.shift)
+    parts2 = DecodePartials(
+        jnp.asarray(np.nan_to_num(o, posinf=0.0), jnp.float32),
+        parts.l,
+        jnp.asarray(m2, jnp.float32),
+        parts.shift,
+    )
     out2 = unified_with_fallback(parts2, phi, 100, lambda: marker)
     np.testing.assert_allclose(np.asarray(out2), np.asarray(combine_unified(parts2)))
 
 
 # --- config -------------------------------------------------------------------------------------
+
 
 def test_split_layout_covers_cache():
     for max_len in (1, 7, 300, 4096, 131072):
@@ -335,8 +398,7 @@ def test_split_layout_covers_cache():
 
 def test_heuristic_config_fills_gpu():
     for s in BENCH_SHAPES:
-        cfg = heuristic_config(s.batch, s.max_len, s.kv_heads, s.heads // s.kv_heads,
-                               s.head_dim)
+        cfg = heuristic_config(s.batch, s.max_len, s.kv_heads, s.heads // s.kv_heads, s.head_dim)
         assert cfg.num_splits >= 1
         assert s.batch * s.kv_heads * cfg.num_splits >= 128
         assert cfg.num_stages * 2 * cfg.block_k * s.head_dim * 2 <= 200 * 1024
@@ -346,22 +408,30 @@ def test_heuristic_config_fills_gpu():
 
 # --- bad inputs ---------------------------------------------------------------------------------
 
+
 def _good():
-    return (jnp.zeros((2, 4, 16)), jnp.zeros((2, 8, 2, 16)), jnp.zeros((2, 8, 2, 16)),
-            jnp.ones((2,), jnp.int32))
+    return (
+        jnp.zeros((2, 4, 16)),
+        jnp.zeros((2, 8, 2, 16)),
+        jnp.zeros((2, 8, 2, 16)),
+        jnp.ones((2,), jnp.int32),
+    )
 
 
-@pytest.mark.parametrize("which,bad,match", [
-    (0, jnp.zeros((2, 16)), "q must be"),
-    (1, jnp.zeros((2, 8, 16)), "k_cache must be"),
-    (2, jnp.zeros((2, 9, 2, 16)), "v_cache shape"),
-    (1, jnp.zeros((3, 8, 2, 16)), "k_cache shape"),
-    (0, jnp.zeros((2, 3, 16)), "multiple of k_cache kv_heads"),
-    (0, jnp.zeros((2, 4, 16), jnp.float16), "q dtype"),
-    (0, jnp.zeros((2, 4, 16), jnp.bfloat16), "dtypes must agree"),
-    (3, jnp.ones((3,), jnp.int32), "lengths must be"),
-    (3, jnp.ones((2,), jnp.float32), "lengths dtype"),
-])
+@pytest.mark.parametrize(
+    "which,bad,match",
+    [
+        (0, jnp.zeros((2, 16)), "q must be"),
+        (1, jnp.zeros((2, 8, 16)), "k_cache must be"),
+        (2, jnp.zeros((2, 9, 2, 16)), "v_cache shape"),
+        (1, jnp.zeros((3, 8, 2, 16)), "k_cache shape"),
+        (0, jnp.zeros((2, 3, 16)), "multiple of k_cache kv_heads"),
+        (0, jnp.zeros((2, 4, 16), jnp.float16), "q dtype"),
+        (0, jnp.zeros((2, 4, 16), jnp.bfloat16), "dtypes must agree"),
+        (3, jnp.ones((3,), jnp.int32), "lengths must be"),
+        (3, jnp.ones((2,), jnp.float32), "lengths dtype"),
+    ],
+)
 def test_bad_inputs_raise(which, bad, match):
     args = list(_good())
     args[which] = bad
@@ -378,8 +448,13 @@ def test_bad_options_raise():
     with pytest.raises(ValueError, match="num_splits"):
         decode_attention(*args, num_splits=0, interpret=True)
     with pytest.raises(ValueError, match="head_dim"):
-        decode_attention(jnp.zeros((2, 4, 24)), jnp.zeros((2, 8, 2, 24)),
-                         jnp.zeros((2, 8, 2, 24)), args[3], interpret=True)
+        decode_attention(
+            jnp.zeros((2, 4, 24)),
+            jnp.zeros((2, 8, 2, 24)),
+            jnp.zeros((2, 8, 2, 24)),
+            args[3],
+            interpret=True,
+        )
     with pytest.raises(ValueError, match="fallback"):
         decode_attention(*args, fallback="host", interpret=True)
     with pytest.raises(ValueError, match="use_dot"):
@@ -405,8 +480,9 @@ def test_gpu_matches_float64_reference(shape, softmax, use_dot):
     if not use_dot and shape.heads != shape.kv_heads:
         pytest.skip("the vector path is MHA only")
     q, k, v, lengths = _inputs(shape, jnp.bfloat16, _rng())
-    config = heuristic_config(shape.batch, shape.max_len, shape.kv_heads,
-                              shape.heads // shape.kv_heads, shape.head_dim)
+    config = heuristic_config(
+        shape.batch, shape.max_len, shape.kv_heads, shape.heads // shape.kv_heads, shape.head_dim
+    )
     config = DecodeConfig(block_k=config.block_k, num_splits=config.num_splits, use_dot=use_dot)
     out = decode_attention(q, k, v, lengths, softmax=softmax, config=config, interpret=False)
     _assert_close(out, reference_f64(q, k, v, lengths), jnp.bfloat16)
@@ -420,7 +496,8 @@ def test_gpu_adversarial_and_zero_rows(softmax, dtype):
     q, k, v, lengths = _inputs(shape, dtype, _rng(), lengths=[1000, 0, 513, 1], q_scale=1000.0)
     out = decode_attention(q, k, v, lengths, softmax=softmax, interpret=False)
     assert (np.asarray(out[1], np.float32) == 0).all()
-    s_max = float(np.abs(reference_logits(np.asarray(q, np.float32),
-                                          np.asarray(k, np.float32))).max())
+    s_max = float(
+        np.abs(reference_logits(np.asarray(q, np.float32), np.asarray(k, np.float32))).max()
+    )
     tol = 1e-6 * s_max if dtype == jnp.float32 else TOLERANCE[dtype]
     _assert_close(out, reference_f64(q, k, v, lengths), dtype, tol=tol)

@@ -84,8 +84,7 @@ def test_lengths_fp32_gqa_8_to_2(length, causal):
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_ragged_lengths(causal):
-    _check(AttentionShape(3, 129, 2, 64), causal=causal, dtype=jnp.float32,
-           lengths=[129, 50, 1])
+    _check(AttentionShape(3, 129, 2, 64), causal=causal, dtype=jnp.float32, lengths=[129, 50, 1])
 
 
 def test_ragged_lengths_with_empty_sequence():
@@ -96,8 +95,9 @@ def test_ragged_lengths_with_empty_sequence():
 @pytest.mark.parametrize("q_len, kv_len", [(17, 129), (129, 17)])
 def test_q_len_differs_from_kv_len(q_len, kv_len):
     # T < S: last query aligned with last key. T > S (causal): the first rows see no key.
-    _check(AttentionShape(2, q_len, 4, 64, kv_len=kv_len, kv_heads=2), causal=True,
-           dtype=jnp.float32)
+    _check(
+        AttentionShape(2, q_len, 4, 64, kv_len=kv_len, kv_heads=2), causal=True, dtype=jnp.float32
+    )
 
 
 @pytest.mark.parametrize("head_dim", [128, 40])
@@ -106,13 +106,25 @@ def test_head_dims(head_dim):
 
 
 def test_fp16_and_mixed_blocks():
-    _check(AttentionShape(1, 100, 2, 64), causal=True, dtype=jnp.float16, block_q=16,
-           block_k=32, block_q_dkv=32, block_k_dkv=16, block_q_dq=16, block_k_dq=64)
+    _check(
+        AttentionShape(1, 100, 2, 64),
+        causal=True,
+        dtype=jnp.float16,
+        block_q=16,
+        block_k=32,
+        block_q_dkv=32,
+        block_k_dkv=16,
+        block_q_dq=16,
+        block_k_dq=64,
+    )
 
 
 def test_lse_matches_reference():
-    q, k, v, _ = _inputs(AttentionShape(2, 77, 4, 64, kv_len=90, kv_heads=2), jnp.float32,
-                         int(np.random.default_rng().integers(2**31)))
+    q, k, v, _ = _inputs(
+        AttentionShape(2, 77, 4, 64, kv_len=90, kv_heads=2),
+        jnp.float32,
+        int(np.random.default_rng().integers(2**31)),
+    )
     lengths = jnp.array([90, 30])
     out, lse = flash_attention_with_lse(q, k, v, causal=True, lengths=lengths)
     ref_out, ref_lse = attention_reference(q, k, v, causal=True, lengths=lengths)
@@ -122,12 +134,14 @@ def test_lse_matches_reference():
 
 def test_causality_via_gradients():
     # ∂out_i/∂k_j = ∂out_i/∂v_j = 0 for every key j after query i.
-    q, k, v, _ = _inputs(AttentionShape(1, 48, 2, 64), jnp.float32,
-                         int(np.random.default_rng().integers(2**31)))
+    q, k, v, _ = _inputs(
+        AttentionShape(1, 48, 2, 64), jnp.float32, int(np.random.default_rng().integers(2**31))
+    )
     i = 20
     _, (dk, dv) = jax.value_and_grad(
-        lambda k, v: flash_attention(q, k, v, causal=True)[:, i].sum(), argnums=(0, 1))(k, v)
-    assert np.all(np.asarray(dk)[:, i + 1:] == 0) and np.all(np.asarray(dv)[:, i + 1:] == 0)
+        lambda k, v: flash_attention(q, k, v, causal=True)[:, i].sum(), argnums=(0, 1)
+    )(k, v)
+    assert np.all(np.asarray(dk)[:, i + 1 :] == 0) and np.all(np.asarray(dv)[:, i + 1 :] == 0)
     assert np.abs(np.asarray(dv)[:, : i + 1]).sum() > 0
 
 
@@ -137,8 +151,9 @@ def test_input_validation():
     with pytest.raises(ValueError, match="multiple of kv heads"):
         flash_attention(q, k, k)
     with pytest.raises(ValueError, match="head_dim"):
-        flash_attention(jnp.zeros((1, 8, 2, 512)), jnp.zeros((1, 8, 2, 512)),
-                        jnp.zeros((1, 8, 2, 512)))
+        flash_attention(
+            jnp.zeros((1, 8, 2, 512)), jnp.zeros((1, 8, 2, 512)), jnp.zeros((1, 8, 2, 512))
+        )
     with pytest.raises(ValueError, match="lengths"):
         flash_attention(q, q, q, lengths=jnp.zeros((2,), jnp.int32))
     with pytest.raises(ValueError, match="unknown tuning"):
@@ -161,8 +176,12 @@ def test_gpu_tuned_triton(shape, dtype, causal):
 @pytest.mark.parametrize("causal", [True, False])
 def test_gpu_ragged_tuned(causal):
     shape = GPU_TEST[0]
-    _check(shape, causal=causal, dtype=jnp.bfloat16,
-           lengths=[shape.s // 3 + 1] + [shape.s] * (shape.batch - 1))
+    _check(
+        shape,
+        causal=causal,
+        dtype=jnp.bfloat16,
+        lengths=[shape.s // 3 + 1] + [shape.s] * (shape.batch - 1),
+    )
 
 
 MOSAIC_CASES = [
