@@ -360,14 +360,16 @@ class WikiText(Task):
             )
         bpe_vocab_size = check_int("bpe_vocab_size", bpe_vocab_size, minimum=257)
         bpe_train_lines = check_int("bpe_train_lines", bpe_train_lines, minimum=0)
+        # Resolved here so that the stream cache is keyed by the real location, not by "".
+        self.data_dir = resolve_data_dir(str(data_dir), dataset) if source == "local" else None
         vocab, self.streams = load_streams(
             self.source,
             self.dataset,
-            str(data_dir),
+            str(self.data_dir or ""),
             self.tokenizer_name,
             bpe_vocab_size,
             bpe_train_lines,
-            str(cache_dir),
+            str(resolve_cache_dir(str(cache_dir))),
         )
         if self.tokenizer_name == "word":
             self.tokenizer, self.vocab, self.token_separator = None, vocab, " "
