@@ -317,14 +317,45 @@ def relative_logits(
     paper's "Relative-capped"); negative distances (future keys, masked in a causal model) use
     r[0]. Query i sits at key position i + q_offset (default S - T, as the causal mask); q_offset
     may be a [B] array (ragged decoding).
+
+    With a static offset the T×S matrix is built by a row shift of q·r (pads and reshapes, no
+    gather), whose gradient is cheap; a traced offset falls back to a gather.
     """
-    b, t = q.shape[:2]
-    offset = kv_len - t if q_offset is None else q_offset
-    offset = jnp.reshape(jnp.asarray(offset, jnp.int32), (-1, 1, 1))  # [B or 1, 1, 1]
+    t = q.shape[1]
+    # [B, T, H, D] x [R, D] -> [B, H, T, R]
     z = jnp.einsum(
         "bthd,rd->bhtr", q, rel_emb.astype(q.dtype), preferred_element_type=_acc(q.dtype)
     )
+    if q_offset is None or isinstance(q_offset, int):
+        offset = kv_len - t if q_offset is None else q_offset
+        return _shifted_relative_logits(z, kv_len, offset)
+    offset = jnp.reshape(jnp.asarray(q_offset, jnp.int32), (-1, 1, 1))  # [B or 1, 1, 1]
     distance = jnp.arange(t)[None, :, None] + offset - jnp.arange(kv_len)[None, None, :]
     distance = jnp.clip(distance, 0, rel_emb.shape[0] - 1)  # [B or 1, T, S]
-    index = jnp.broadcast_to(distance[:, None], (b, z.shape[1], t, kv_len))
+    index = jnp.broadcast_to(distance[:, None], (q.shape[0], z.shape[1], t, kv_len))
     return jnp.take_along_axis(z, index, axis=-1)
+
+
+def _shifted_relative_logits(z: jax.Array, kv_len: int, offset: int) -> jax.Array:
+    """out[..., i, j] = z[..., i, clip(i + offset - j, 0, R-1)] without a gather.
+
+    z [..., T, R] -> [..., T, S]. Column c of `by_distance` holds distance offset + T - 1 - c
+    (clipped), so out[i, j] = by_distance[i, T - 1 - i + j]: a shift of row i by T - 1 - i, done
+    by flattening rows of width W + 1 and re-reading them with width W.
+    """
+    *lead, t, r = z.shape
+    low, high = offset - kv_len + 1, offset + t - 1  # smallest and largest distance needed
+    parts = []
+    if low < 0:  # negative distances (future keys) use r[0]
+        parts.append(jnp.broadcast_to(z[..., :1], (*lead, t, min(-low, high - low + 1))))
+    if high >= 0 and low <= r - 1:
+        parts.append(z[..., max(low, 0) : min(high, r - 1) + 1])
+    if high > r - 1:  # distances beyond the table reuse r[R-1]
+        parts.append(
+            jnp.broadcast_to(z[..., r - 1 :], (*lead, t, min(high - r + 1, high - low + 1)))
+        )
+    by_distance = jnp.flip(jnp.concatenate(parts, axis=-1), axis=-1)  # [..., T, T + S - 1]
+    width = by_distance.shape[-1]
+    padded = jnp.pad(by_distance, [(0, 0)] * (len(lead) + 1) + [(0, 1)])
+    flat = padded.reshape(*lead, t * (width + 1))[..., t - 1 : t - 1 + t * width]
+    return flat.reshape(*lead, t, width)[..., :kv_len]

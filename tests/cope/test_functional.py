@@ -286,3 +286,38 @@ def test_bad_arguments_raise():
         F.cope_attention(q, k, v, jnp.ones((5, 8)), impl="pallas")
     with pytest.raises(ValueError, match="floating"):
         F.attention(q.astype(jnp.int32), k, v)
+
+
+@pytest.mark.parametrize(
+    "t, s, r, offset",
+    [
+        (5, 5, 8, None),
+        (3, 7, 4, None),
+        (1, 13, 20, None),
+        (6, 4, 3, None),
+        (4, 9, 4, 2),
+        (4, 9, 100, -3),
+        (2, 5, 5, 10),
+        (3, 4, 6, -20),
+        (3, 4, 2, 30),
+    ],
+)
+def test_relative_logits_shift_equals_gather(t, s, r, offset):
+    """The gather-free static-offset path equals the gather path (traced offsets)."""
+    ks = fresh_keys(2)
+    q = randn(ks[0], (2, t, 3, 4))
+    table = randn(ks[1], (r, 4))
+    static = F.relative_logits(q, table, s, q_offset=offset)
+    traced = F.relative_logits(
+        q, table, s, q_offset=jnp.full((2,), s - t if offset is None else offset)
+    )
+    np.testing.assert_array_equal(static, traced)
+    grad = lambda off: jax.grad(
+        lambda q: jnp.sum(F.relative_logits(q, table, s, q_offset=off) * jnp.arange(s))
+    )(q)
+    np.testing.assert_allclose(
+        grad(offset),
+        grad(jnp.full((2,), s - t if offset is None else offset)),
+        rtol=1e-5,
+        atol=1e-5,
+    )
