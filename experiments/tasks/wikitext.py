@@ -327,6 +327,10 @@ class WikiText(Task):
     windows in order; the loss mask marks each target once, so the perplexity that
     experiments.train reports is the perplexity of the whole split (when `num_examples` covers
     all windows). The first token of a split is context only.
+
+    The word vocabulary is the training split's types in first-occurrence order (as pytorch's
+    word_language_model builds it). Locally only the tokenized files exist, so a local BPE is
+    trained on text with `<unk>` in it; the hub's raw configs have none.
     """
 
     name = "wikitext"
@@ -472,6 +476,12 @@ class WikiText(Task):
         if self.tokenizer is not None:
             return self.tokenizer.decode(ids, skip_special_tokens=False)
         return " ".join(self.vocab[i] for i in ids)
+
+    def tokenize(self, text: str) -> list[str]:
+        """Text -> token strings (words, or BPE pieces in byte-level notation)."""
+        if self.tokenizer is not None:
+            return self.tokenizer.encode(text).tokens
+        return text.split()
 
     def encode(self, text: str) -> np.ndarray:
         """Text -> [L] int32 ids; unknown words become `<unk>` (word level)."""
