@@ -142,6 +142,7 @@ def test_bad_options_raise_one_line_value_error(options, match):
 
 
 def test_bpe_trains_on_a_slice_round_trips_and_is_cached(tmp_path):
+    pytest.importorskip("tokenizers")
     lines = read_lines("train")[:400]
     tokenizer = wt.train_bpe(lines, 320)
     assert tokenizer.get_vocab_size() == 320
@@ -160,6 +161,7 @@ def test_bpe_trains_on_a_slice_round_trips_and_is_cached(tmp_path):
 
 
 def test_bpe_task_streams_decode_to_the_split(tmp_path):
+    pytest.importorskip("tokenizers")
     task = make_task(
         "wikitext",
         tokenizer="bpe",
