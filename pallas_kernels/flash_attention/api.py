@@ -148,33 +148,8 @@ def _mosaic_supported(q, k, interpret: bool) -> bool:
     return "H100" in jax.devices()[0].device_kind or "H200" in jax.devices()[0].device_kind
 
 
-def flash_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    *,
-    causal: bool = True,
-    lengths: jax.Array | None = None,
-    scale: float | None = None,
-    interpret: bool | None = None,
-    **tuning,
-) -> jax.Array:
-    """Flash attention, differentiable, with the contract of `attention_reference`.
-
-    Args:
-      q: [B, T, H, D] queries (bf16, fp16 or fp32; fp32 accumulation throughout).
-      k, v: [B, S, K, D] keys and values, `H % K == 0` (GQA: head h reads kv head h // (H/K)).
-      causal: mask keys after the query, the last query aligned with the last key.
-      lengths: optional [B] int, valid keys per sequence (ragged padding masked).
-      scale: logit scale, default 1/sqrt(D).
-      interpret: Pallas interpret mode; None means interpret exactly when no GPU is present.
-      **tuning: `backend` ("triton", "mosaic" or None = best for the device and inputs),
-        `config` (a `TritonConfig`), any `TritonConfig` field by name, `mosaic_config`
-        (a `MosaicConfig`), `debug`.
-
-    Returns:
-      [B, T, H, D] in q.dtype.
-    """
+def _plan(q, k, v, *, causal, lengths, scale, interpret, tuning) -> tuple[jax.Array, _Problem]:
+    """Validates the inputs and fixes backend, blocks and padding: (clipped lengths, problem)."""
     _validate(q, k, v, lengths)
     batch, q_len, _, head_dim = q.shape
     kv_len = k.shape[1]
@@ -243,6 +218,39 @@ def flash_attention(
         interpret=interpret,
         debug=debug,
     )
+    return lengths, prob
+
+
+def flash_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool = True,
+    lengths: jax.Array | None = None,
+    scale: float | None = None,
+    interpret: bool | None = None,
+    **tuning,
+) -> jax.Array:
+    """Flash attention, differentiable, with the contract of `attention_reference`.
+
+    Args:
+      q: [B, T, H, D] queries (bf16, fp16 or fp32; fp32 accumulation throughout).
+      k, v: [B, S, K, D] keys and values, `H % K == 0` (GQA: head h reads kv head h // (H/K)).
+      causal: mask keys after the query, the last query aligned with the last key.
+      lengths: optional [B] int, valid keys per sequence (ragged padding masked).
+      scale: logit scale, default 1/sqrt(D).
+      interpret: Pallas interpret mode; None means interpret exactly when no GPU is present.
+      **tuning: `backend` ("triton", "mosaic" or None = best for the device and inputs),
+        `config` (a `TritonConfig`), any `TritonConfig` field by name, `mosaic_config`
+        (a `MosaicConfig`), `debug`.
+
+    Returns:
+      [B, T, H, D] in q.dtype.
+    """
+    lengths, prob = _plan(
+        q, k, v, causal=causal, lengths=lengths, scale=scale, interpret=interpret, tuning=tuning
+    )
     return _flash(q, k, v, lengths, prob)
 
 
@@ -250,34 +258,9 @@ def flash_attention_with_lse(
     q, k, v, *, causal=True, lengths=None, scale=None, interpret=None, **tuning
 ) -> tuple[jax.Array, jax.Array]:
     """Forward only, also returning the [B, H, T] fp32 log-sum-exp (for tests and combines)."""
-    _validate(q, k, v, lengths)
-    batch, q_len, _, head_dim = q.shape
-    kv_len = k.shape[1]
-    interpret = resolve_interpret(interpret)
-    config = tuning.pop("config", None) or heuristic_config(
-        head_dim, q_len, kv_len, interpret=interpret
-    )
-    config = dataclasses.replace(config, **tuning)
-    d_pad = max(16, 1 << (head_dim - 1).bit_length())
-    q_pad = _round_up(q_len, max(config.block_q, config.block_q_dq, config.block_q_dkv))
-    kv_pad = _round_up(kv_len, max(config.block_k, config.block_k_dq, config.block_k_dkv))
-    if lengths is None:
-        lengths = jnp.full((batch,), kv_len, jnp.int32)
-    lengths = jnp.clip(lengths.astype(jnp.int32), 0, kv_len)
-    scale = float(head_dim**-0.5 if scale is None else scale)
-    prob = _Problem(
-        q_len=q_len,
-        kv_len=kv_len,
-        head_dim=head_dim,
-        q_pad=q_pad,
-        kv_pad=kv_pad,
-        d_pad=d_pad,
-        causal=bool(causal),
-        scale=scale,
-        config=config,
-        mosaic=None,
-        interpret=interpret,
-        debug=False,
+    tuning = {"backend": "triton", **tuning, "debug": False}
+    lengths, prob = _plan(
+        q, k, v, causal=causal, lengths=lengths, scale=scale, interpret=interpret, tuning=tuning
     )
     out, lse = _forward(q, k, v, lengths, prob)
-    return out[:, :q_len, :, :head_dim], lse[:, :, :q_len]
+    return out[:, : prob.q_len, :, : prob.head_dim], lse[:, :, : prob.q_len]
