@@ -406,16 +406,16 @@ def train_and_evaluate(
 
 
 def format_results(results: dict[str, Any]) -> str:
-    """A short table: error per split, token and sequence level, in percent."""
+    """A short table: error per split (token and sequence level, in percent), loss, perplexity."""
     lines = [
         f"{results['task']} / {results['encoding']}: final errors (%)",
-        f"{'split':>12} {'token':>8} {'sequence':>9} {'loss':>8}",
+        f"{'split':>12} {'token':>8} {'sequence':>9} {'loss':>8} {'ppl':>9}",
     ]
     for split, m in results["final"].items():
         marker = "  (in-distribution)" if split == results["in_distribution_split"] else ""
         lines.append(
             f"{split:>12} {100 * m['token_error']:8.2f} {100 * m['sequence_error']:9.2f} "
-            f"{m['loss']:8.4f}{marker}"
+            f"{m['loss']:8.4f} {m.get('perplexity', math.exp(min(m['loss'], 700))):9.3f}{marker}"
         )
     if results.get("tokens_per_s"):
         lines.append(
