@@ -19,6 +19,7 @@ def get_config(arg: str | None = None):
     epochs = options.get("epochs", 100)
     c.train.update(steps=-(-epochs * 10_000 // 64), eval_every=1563, checkpoint_every=1563)
     c.eval.update(num_examples=1000, final_num_examples=1000)
+    c.model.npos = 513  # the official block_size + 1 (the model sees at most 511 inputs)
     if options.get("cpu"):
         c.task.options.update(ntrain=2000, ntest=200)
         c.train.update(steps=1000, learning_rate=1e-3)

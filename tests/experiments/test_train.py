@@ -59,7 +59,7 @@ def test_counting_config_is_the_official_run():
     assert config.train.steps == 15_625  # 100 epochs of 10k samples
     assert config.model.post_norm and config.model.tie_embeddings and config.model.dropout == 0.1
     model_cfg = train.build_model_config(config, train.build_task(smoke("counting")))
-    assert model_cfg.cope_npos == model_cfg.max_len + 1
+    assert model_cfg.cope_npos == 513  # the official block_size 512 + 1
 
 
 @pytest.mark.parametrize(
