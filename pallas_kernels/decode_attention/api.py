@@ -60,6 +60,14 @@ def _validate(q, k_cache, v_cache, lengths) -> None:
         raise ValueError(f"lengths dtype must be int32, got {lengths.dtype}")
 
 
+def _validate_bias(bias, q, k_cache) -> None:
+    expected = (q.shape[0], q.shape[1], k_cache.shape[1])
+    if bias.shape != expected:
+        raise ValueError(f"bias must be [batch, heads, max_len] = {expected}, got {bias.shape}")
+    if not jnp.issubdtype(bias.dtype, jnp.floating):
+        raise ValueError(f"bias must be a floating array, got {bias.dtype}")
+
+
 def _phi_per_head(phi, heads: int) -> jax.Array:
     """φ as float32 [heads] from None (DEFAULT_PHI), a scalar, or a [heads] array."""
     if phi is None:
@@ -79,6 +87,7 @@ def decode_attention(
     scale: float | None = None,
     softmax: str = "unified_max",
     phi=None,
+    bias: jax.Array | None = None,
     num_splits: int | None = None,
     config: DecodeConfig | None = None,
     fallback: str = "kernel",
@@ -101,6 +110,9 @@ def decode_attention(
         `combine.unified_window`, is recomputed with the online path). Both are exact.
       phi: the unified max φ in the units of the scaled logits `scale·q·k`: a scalar (one per
         layer) or [heads] (one per query head); None means DEFAULT_PHI = 0. Ignored by "online".
+      bias: optional [batch, heads, max_len] float logits added to the scaled logits scale·q·k
+        before the softmax (e.g. relative-position terms of the new token); keys past
+        lengths[b] stay masked whatever their bias.
       num_splits: KV splits per (batch, kv_head); None picks from max_len, batch and the SM
         count (`config.heuristic_config`). Overrides `config.num_splits` when both are given.
       config: full tuning config; None uses `heuristic_config`.
@@ -118,6 +130,8 @@ def decode_attention(
       [batch, heads, head_dim] in q's dtype.
     """
     _validate(q, k_cache, v_cache, lengths)
+    if bias is not None:
+        _validate_bias(bias, q, k_cache)
     if softmax not in SOFTMAX_MODES:
         raise ValueError(f"softmax must be one of {SOFTMAX_MODES}, got {softmax!r}")
     if fallback not in FALLBACKS:
@@ -151,6 +165,7 @@ def decode_attention(
         v_cache,
         lengths.astype(jnp.int32),
         _phi_per_head(phi, heads),
+        None if bias is None else bias.astype(jnp.float32),
         scale=scale,
         softmax=softmax,
         config=config,
@@ -168,7 +183,7 @@ def _asdict(config: DecodeConfig) -> dict:
     jax.jit, static_argnames=("scale", "softmax", "config", "fallback", "interpret", "debug")
 )
 def _decode_attention(
-    q, k_cache, v_cache, lengths, phi, *, scale, softmax, config, fallback, interpret, debug
+    q, k_cache, v_cache, lengths, phi, bias, *, scale, softmax, config, fallback, interpret, debug
 ):
     batch, heads, head_dim = q.shape
     max_len, kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -176,6 +191,8 @@ def _decode_attention(
     qg = q.reshape(batch, kv_heads, group, head_dim)  # [B, K, G, D]
     phig = phi.reshape(kv_heads, group)  # [K, G]
     lengths = jnp.clip(lengths, 0, max_len)
+    if bias is not None:
+        bias = bias.reshape(batch, kv_heads, group, max_len)  # [B, K, G, S]
     run = functools.partial(
         decode_partials,
         qg,
@@ -183,6 +200,7 @@ def _decode_attention(
         v_cache,
         lengths,
         phig,
+        bias,
         scale=scale,
         config=config,
         interpret=interpret,

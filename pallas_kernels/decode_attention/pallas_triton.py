@@ -30,11 +30,8 @@ def _decode_kernel(
     v_ref,
     lengths_ref,
     phi_ref,
-    o_ref,
-    l_ref,
-    m_ref,
-    shift_ref,
-    *,
+    *refs,
+    has_bias: bool,
     scale_log2: float,
     block_k: int,
     split_len: int,
@@ -49,8 +46,10 @@ def _decode_kernel(
     Group path (tensor cores): q_ref: [rows, head_dim] (`rows` >= 16 loaded, only the group's
     real heads stored), phi_ref, l_ref, m_ref, shift_ref: [group], o_ref: [group, head_dim].
     Vector path (MHA, CUDA cores): q_ref, o_ref: [head_dim], the others scalars.
-    k_ref, v_ref: [max_len, head_dim]; lengths_ref: [].
+    k_ref, v_ref: [max_len, head_dim]; lengths_ref: []. With `has_bias`, refs starts with
+    bias_ref: [group, max_len] (vector: [max_len]) float32 logits added to scale·q·k.
     """
+    bias_ref, (o_ref, l_ref, m_ref, shift_ref) = (refs[0] if has_bias else None), refs[-4:]
     vector = q_ref.ndim == 1
     head_dim = q_ref.shape[-1]
     start = pl.program_id(2) * split_len
@@ -75,12 +74,28 @@ def _decode_kernel(
         x = pltriton.load(ref.at[pl.ds(first, block_k), :], mask=valid[:, None], other=0.0)
         return x, valid  # [block_k, head_dim], [block_k]
 
+    def bias(i):  # the bias block in log2 units, like `logits`
+        first = start + i * block_k
+        valid = first + offsets < valid_end  # [block_k]
+        if vector:
+            b = pltriton.load(bias_ref.at[pl.ds(first, block_k)], mask=valid, other=0.0)
+        else:
+            mask = row_ok[:, None] & valid[None, :]
+            b = pltriton.load(
+                bias_ref.at[pl.ds(0, rows), pl.ds(first, block_k)], mask=mask, other=0.0
+            )
+        return b * LOG2E
+
     def logits(i):  # [rows, block_k] (group) or [block_k] (vector), log2 units
         k, valid = load(k_ref, i)
         if vector:
             s = jnp.sum(k.astype(jnp.float32) * q[None, :], axis=1)
+            if has_bias:
+                s = s + bias(i)
             return jnp.where(valid, s, -jnp.inf)
         s = pltriton.dot(q, k, trans_b=True, precision=precision) * scale_log2
+        if has_bias:
+            s = s + bias(i)
         return jnp.where(valid[None, :], s, -jnp.inf)
 
     def pv(i, p):  # [rows, head_dim] (group) or [head_dim] (vector)
@@ -164,6 +179,7 @@ def decode_partials(
     v_cache: jax.Array,
     lengths: jax.Array,
     phi: jax.Array,
+    bias: jax.Array | None = None,
     *,
     scale: float,
     softmax: str,
@@ -176,7 +192,8 @@ def decode_partials(
     """Runs the split-KV kernel; returns float32 `DecodePartials` (see combine.py).
 
     q: [batch, kv_heads, group, head_dim]; k_cache, v_cache: [batch, max_len, kv_heads,
-    head_dim]; lengths: [batch] int32 in [0, max_len]; phi: [kv_heads, group] float32.
+    head_dim]; lengths: [batch] int32 in [0, max_len]; phi: [kv_heads, group] float32; bias:
+    optional [batch, kv_heads, group, max_len] float32 logits added to scale·q·k.
     `recompute` (unified max only): redo out-of-window splits with the online softmax inside
     the kernel. `final` (default: when there is a single split): the kernel normalises and `o`
     is the final output in q.dtype.
@@ -193,6 +210,7 @@ def decode_partials(
     g = None if vector else group
     kernel = functools.partial(
         _decode_kernel,
+        has_bias=bias is not None,
         scale_log2=scale * LOG2E,
         block_k=config.block_k,
         split_len=split_len,
@@ -211,6 +229,10 @@ def decode_partials(
         pl.BlockSpec((None,), lambda b, h, s: (b,)),  # lengths
         pl.BlockSpec((None, g), lambda b, h, s: (h, 0)),  # phi
     ]
+    inputs = [q, k_cache, v_cache, lengths, phi]
+    if bias is not None:
+        in_specs.append(pl.BlockSpec((None, None, g, max_len), lambda b, h, s: (b, h, 0, 0)))
+        inputs.append(bias.astype(jnp.float32))
     out_specs = [
         pl.BlockSpec((None, None, None, g, head_dim), lambda b, h, s: (b, h, s, 0, 0)),  # o
         row_spec,
@@ -238,5 +260,5 @@ def decode_partials(
         interpret=interpret,
         debug=debug,
         name=f"decode_attention_{softmax}",
-    )(q, k_cache, v_cache, lengths, phi)
+    )(*inputs)
     return DecodePartials(o=o, l=l, m=m, shift=shift)

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 from pallas_kernels.decode_attention.combine import DecodePartials
 
 
-def _grouped(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, scale: float):
-    """Scaled logits [B, K, G, S] and values [B, K, S, D] in float32."""
+def _grouped(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, scale: float, bias=None):
+    """Scaled logits [B, K, G, S] (+ bias [B, H, S]) and values [B, K, S, D] in float32."""
     batch, heads, head_dim = q.shape
     kv_heads = k_cache.shape[2]
     qg = q.astype(jnp.float32).reshape(batch, kv_heads, heads // kv_heads, head_dim)
@@ -19,6 +19,8 @@ def _grouped(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, scale: float)
         )
         * scale
     )
+    if bias is not None:
+        s = s + bias.astype(jnp.float32).reshape(s.shape)
     return s, jnp.swapaxes(v_cache.astype(jnp.float32), 1, 2)
 
 
@@ -29,6 +31,7 @@ def decode_attention_reference(
     lengths: jax.Array,
     *,
     scale: float | None = None,
+    bias: jax.Array | None = None,
 ) -> jax.Array:
     """Softmax attention of one new query token over the first `lengths[b]` cached keys.
 
@@ -39,13 +42,15 @@ def decode_attention_reference(
       lengths: [batch] int32, valid cached keys per row; keys at positions >= lengths[b] are
         ignored.
       scale: logit scale, default 1/sqrt(head_dim).
+      bias: optional [batch, heads, max_len] float logits added to scale·q·k (e.g. the relative
+        position term of the new token against every cached key).
 
     Returns:
       [batch, heads, head_dim] in q.dtype; rows with lengths == 0 are zeros.
     """
     batch, heads, head_dim = q.shape
     scale = head_dim**-0.5 if scale is None else scale
-    s, v = _grouped(q, k_cache, v_cache, scale)
+    s, v = _grouped(q, k_cache, v_cache, scale, bias)
     valid = jnp.arange(k_cache.shape[1])[None, :] < lengths[:, None]  # [B, S]
     s = jnp.where(valid[:, None, None, :], s, -jnp.inf)
     m = jnp.max(s, axis=-1, keepdims=True)

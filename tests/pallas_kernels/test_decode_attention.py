@@ -48,8 +48,9 @@ def _inputs(shape: DecodeShape, dtype, rng, *, lengths=None, q_scale: float = 1.
     return q, k_cache, v_cache, jnp.asarray(lengths, jnp.int32)
 
 
-def reference_f64(q, k_cache, v_cache, lengths, scale=None) -> np.ndarray:
-    """Float64 numpy softmax attention of the rounded inputs; lengths == 0 rows are zeros."""
+def reference_f64(q, k_cache, v_cache, lengths, scale=None, bias=None) -> np.ndarray:
+    """Float64 numpy softmax attention of the rounded inputs (+ bias [B, H, S] on the scaled
+    logits); lengths == 0 rows are zeros."""
     q64, k64, v64 = (
         np.asarray(jnp.asarray(x, jnp.float32), np.float64) for x in (q, k_cache, v_cache)
     )
@@ -63,6 +64,8 @@ def reference_f64(q, k_cache, v_cache, lengths, scale=None) -> np.ndarray:
             continue
         for h in range(heads):
             s = k64[b, :n, h // group] @ q64[b, h] * scale  # [n]
+            if bias is not None:
+                s = s + np.asarray(bias, np.float64)[b, h, :n]
             p = np.exp(s - s.max())
             out[b, h] = p @ v64[b, :n, h // group] / p.sum()
     return out
@@ -118,6 +121,42 @@ def test_vector_path_mha(softmax, splits):
         config=_small_config(shape, splits, use_dot=False),
     )
     _assert_close(out, reference_f64(q, k, v, lengths), jnp.float32)
+
+
+@pytest.mark.parametrize("fallback", ["kernel", "cond"])
+@pytest.mark.parametrize("softmax", MODES)
+@pytest.mark.parametrize(
+    "shape, use_dot",
+    [(DecodeShape(3, 300, 8, 2, 32), True), (DecodeShape(2, 77, 3, 3, 32), False)],
+    ids=["gqa", "vector"],
+)
+def test_bias_matches_float64_reference(shape, use_dot, softmax, fallback):
+    """A per-key logit bias (e.g. relative positions of the new token) is added before softmax."""
+    rng = _rng()
+    q, k, v, lengths = _inputs(shape, jnp.float32, rng)
+    bias = jnp.asarray(3 * rng.standard_normal((shape.batch, shape.heads, shape.max_len)))
+    out = decode_attention(
+        q,
+        k,
+        v,
+        lengths,
+        bias=bias,
+        softmax=softmax,
+        fallback=fallback,
+        interpret=True,
+        config=_small_config(shape, 3, use_dot=use_dot),
+    )
+    _assert_close(out, reference_f64(q, k, v, lengths, bias=bias), jnp.float32)
+    ref = decode_attention_reference(q, k, v, lengths, bias=bias)
+    _assert_close(ref, reference_f64(q, k, v, lengths, bias=bias), jnp.float32)
+
+
+def test_bad_bias_raises():
+    q, k, v, lengths = _good()
+    with pytest.raises(ValueError, match=r"bias must be \[batch, heads, max_len\]"):
+        decode_attention(q, k, v, lengths, bias=jnp.zeros((2, 4, 7)), interpret=True)
+    with pytest.raises(ValueError, match="bias must be a floating"):
+        decode_attention(q, k, v, lengths, bias=jnp.zeros((2, 4, 8), jnp.int32), interpret=True)
 
 
 def test_default_config_and_scale():
@@ -501,3 +540,21 @@ def test_gpu_adversarial_and_zero_rows(softmax, dtype):
     )
     tol = 1e-6 * s_max if dtype == jnp.float32 else TOLERANCE[dtype]
     _assert_close(out, reference_f64(q, k, v, lengths), dtype, tol=tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("use_dot", [True, False])
+@pytest.mark.parametrize("softmax", MODES)
+def test_gpu_bias_matches_float64_reference(softmax, use_dot):
+    shape = DecodeShape(3, 3000, 8, 8 if not use_dot else 2, 128)
+    rng = _rng()
+    q, k, v, lengths = _inputs(shape, jnp.bfloat16, rng)
+    bias = jnp.asarray(3 * rng.standard_normal((shape.batch, shape.heads, shape.max_len)))
+    config = heuristic_config(
+        shape.batch, shape.max_len, shape.kv_heads, shape.heads // shape.kv_heads, shape.head_dim
+    )
+    config = DecodeConfig(block_k=config.block_k, num_splits=config.num_splits, use_dot=use_dot)
+    out = decode_attention(
+        q, k, v, lengths, bias=bias, softmax=softmax, config=config, interpret=False
+    )
+    _assert_close(out, reference_f64(q, k, v, lengths, bias=bias), jnp.bfloat16)
