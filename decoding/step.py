@@ -68,9 +68,11 @@ def cope_table_of(attn: Attention, shared: jax.Array | None) -> jax.Array | None
 def resolve_decode_impl(cfg: ModelConfig, decode_impl: str) -> str:
     """Maps "auto" to "pallas" (the decode kernel) where it applies, else "xla".
 
-    The kernel takes no logit term, so relative and CoPE encodings decode with the XLA path
-    (`Attention.attend` against the cached keys) until the fused CoPE kernel exists; "auto" also
-    falls back for head sizes or dtypes the kernel does not take.
+    CoPE encodings decode with the XLA path (`Attention.attend` against the cached keys) until
+    the fused CoPE kernel exists. Relative encodings can use the kernel with its logit bias
+    (`decode_impl="pallas"`), but "auto" keeps them on XLA until that compiled path has been
+    checked on a GPU (tests/pallas_kernels: `test_gpu_bias_matches_float64_reference`). "auto"
+    also falls back for head sizes or dtypes the kernel does not take.
     """
     if decode_impl not in DECODE_IMPLS:
         raise ValueError(f"decode_impl must be one of {DECODE_IMPLS}, got {decode_impl!r}")
@@ -82,10 +84,10 @@ def resolve_decode_impl(cfg: ModelConfig, decode_impl: str) -> str:
     )
     if decode_impl == "auto":
         return "pallas" if kernel_ok else "xla"
-    if decode_impl == "pallas" and cfg.spec.needs_bias:
+    if decode_impl == "pallas" and cfg.spec.cope:
         raise ValueError(
-            f"decode_impl='pallas' needs an encoding without a logit term "
-            f"(none/absolute/sinusoidal/rope), got {cfg.encoding!r}; use 'xla'"
+            f"decode_impl='pallas' does not take CoPE encodings yet (no fused CoPE kernel), "
+            f"got {cfg.encoding!r}; use 'xla'"
         )
     return decode_impl
 
@@ -246,6 +248,10 @@ def decode_fn(
         if gks is not None:
             gks[i] = gks[i].at[rows, pos].set(gate_k[:, 0], mode="drop")
         if impl == "pallas":
+            bias = None
+            if attn.cfg.spec.relative:  # q_b·r[pos_b - j] against every cached key, scaled
+                rel = F.relative_logits(q, rel_table, ks[i].shape[1], q_offset=pos)
+                bias = rel[:, :, 0, :] * attn.cfg.head_dim**-0.5  # [B, H, max_len]
             out = decode_attention(
                 q[:, 0],
                 ks[i],
@@ -253,6 +259,7 @@ def decode_fn(
                 new_lengths,
                 softmax=softmax,
                 phi=None if phi is None else phi[i],
+                bias=bias,
             )[:, None]
         elif attn.cfg.spec.needs_bias:
             # One query against all cached keys: `causal=False, lengths` is the mask, and the

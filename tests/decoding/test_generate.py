@@ -123,7 +123,7 @@ def test_uncached_baseline_equals_cached():
     np.testing.assert_array_equal(a.tokens, b.tokens)
 
 
-@pytest.mark.parametrize("encoding", ["rope"])
+@pytest.mark.parametrize("encoding", ["rope", "relative"])
 def test_kernel_path_equals_xla_path(encoding):
     """decode_impl="pallas" (interpret mode on CPU), both softmax modes, φ default/calibrated/
     far off (forces the online fallback), against the XLA decode path."""
@@ -269,7 +269,7 @@ def test_bad_inputs_raise():
         D.generate(model, x, lengths, max_new_tokens=2, phi=jnp.zeros(3))
     with pytest.raises(ValueError, match="sampler"):
         D.generate(model, x, lengths, max_new_tokens=2, sampler="greedy")
-    with pytest.raises(ValueError, match="decode_impl='pallas'"):
+    with pytest.raises(ValueError, match="decode_impl='pallas' does not take CoPE"):
         D.generate(
             make_model(tiny("cope", d_model=64)), x, lengths, max_new_tokens=2, decode_impl="pallas"
         )
