@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from model_helpers import make_model
 
 from cope.encodings import ENCODINGS, sinusoidal_table
 from cope.model import GPT2_SMALL, ModelConfig, Transformer
@@ -30,17 +31,6 @@ def tiny(encoding, **overrides):
         | overrides
     )
     return ModelConfig(**cfg)
-
-
-def make_model(cfg, seed=None):
-    seed = np.random.SeedSequence().entropy % 2**31 if seed is None else seed
-    model = Transformer(cfg, rngs=nnx.Rngs(seed))
-    if cfg.spec.cope:  # the zero-initialised CoPE tables would make the model position-free
-        for path, param in nnx.iter_graph(model):
-            if path and path[-1] == "table" and isinstance(param, nnx.Param):
-                param[...] = jax.random.normal(jax.random.key(seed), param.shape, param.dtype)
-    model.eval()
-    return model
 
 
 def tokens(b, t):

@@ -4,11 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
+from model_helpers import make_model
 
 import decoding as D
 from cope.encodings import ENCODINGS
-from cope.model import ModelConfig, Transformer
+from cope.model import ModelConfig
 
 V = 29
 N_NEW = 6
@@ -40,17 +40,6 @@ def tiny(encoding, **overrides):
         | overrides
     )
     return ModelConfig(**cfg)
-
-
-def make_model(cfg, seed=None):
-    seed = np.random.SeedSequence().entropy % 2**31 if seed is None else seed
-    model = Transformer(cfg, rngs=nnx.Rngs(seed))
-    if cfg.spec.cope:  # the zero-initialised CoPE tables would make the model position-free
-        for path, param in nnx.iter_graph(model):
-            if path and path[-1] == "table" and isinstance(param, nnx.Param):
-                param[...] = jax.random.normal(jax.random.key(seed), param.shape, param.dtype)
-    model.eval()
-    return model
 
 
 def prompts(b, t, lengths):

@@ -1,0 +1,23 @@
+"""Test helpers shared by the model and decoding tests."""
+
+import jax
+import numpy as np
+from flax import nnx
+
+from cope.model import ModelConfig, Transformer
+
+
+def make_model(cfg: ModelConfig, seed: int | None = None) -> Transformer:
+    """A model in eval mode with fresh random weights, CoPE tables included.
+
+    The CoPE tables start at zero, which would make the model position-free; they are drawn
+    at random here so that tests exercise the position term.
+    """
+    seed = np.random.SeedSequence().entropy % 2**31 if seed is None else seed
+    model = Transformer(cfg, rngs=nnx.Rngs(seed))
+    if cfg.spec.cope:
+        for path, param in nnx.iter_graph(model):
+            if path and path[-1] == "table" and isinstance(param, nnx.Param):
+                param[...] = jax.random.normal(jax.random.key(seed), param.shape, param.dtype)
+    model.eval()
+    return model
