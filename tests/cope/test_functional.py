@@ -321,3 +321,13 @@ def test_relative_logits_shift_equals_gather(t, s, r, offset):
         rtol=1e-5,
         atol=1e-5,
     )
+
+
+def test_interpolation_gradient_follows_the_official_code():
+    """d z(p)/dp = z[ceil p] - z[floor p]: zero at integers (ceil == floor), as in PyTorch."""
+    z = jnp.array([[0.0, 1.0, 4.0, 9.0, 16.0]])
+    p = jnp.array([[0.5, 2.0, 2.25, 4.0]])
+    grad = jax.grad(lambda p: jnp.sum(F.interpolate_position_logits(z, p)))(p)
+    np.testing.assert_allclose(grad, [[1.0, 0.0, 5.0, 0.0]])
+    dz = jax.grad(lambda z: jnp.sum(F.interpolate_position_logits(z, p)))(z)
+    np.testing.assert_allclose(dz, [[0.5, 0.5, 1.75, 0.25, 1.0]])
