@@ -36,6 +36,8 @@ def paper_reference(results: dict, options: dict) -> str:
         return "in-dist {} / dense {} / sparse {}".format(*paper.SELECTIVE_COPY[enc])
     if task == "counting" and enc in paper.COUNTING:
         return f"test {paper.COUNTING[enc].get(options.get('nvars'), 'n/a')}"
+    if task == "wikitext" and enc in paper.WIKITEXT103:
+        return "WikiText-103 val {} / test {} ppl".format(*paper.WIKITEXT103[enc])
     return "n/a"
 
 
@@ -43,7 +45,8 @@ def summarize(root: Path, names: list[str]) -> tuple[list[dict], str]:
     rows, lines = (
         [],
         [
-            "| run | encoding | steps | split: token error % (sequence error %) | paper (%) | "
+            "| run | encoding | steps | split: token error % (sequence error %) or perplexity | "
+            "paper |"
             "ms/batch | tokens/s |",
             "|---|---|---|---|---|---|---|",
         ],
@@ -55,8 +58,11 @@ def summarize(root: Path, names: list[str]) -> tuple[list[dict], str]:
             continue
         results = json.loads(path.read_text())
         config = json.loads((root / name / "config.json").read_text())
+        language_model = results["task"] == "wikitext"
         errors = ", ".join(
-            f"{split}: {100 * m['token_error']:.2f} ({100 * m['sequence_error']:.1f})"
+            f"{split}: ppl {m['perplexity']:.2f}"
+            if language_model
+            else f"{split}: {100 * m['token_error']:.2f} ({100 * m['sequence_error']:.1f})"
             for split, m in results["final"].items()
             if split != "train"
         )
