@@ -267,3 +267,20 @@ def test_bad_inputs_raise():
         D.decode_step(model, cache, jnp.array([1, 2]))
     with pytest.raises(ValueError, match="quantile"):
         D.calibrate(model, x, lengths, quantile=0.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("encoding", ["rope", "relative"])
+def test_gpu_kernel_decoding_equals_xla(encoding):
+    """Compiled decode kernel (with the relative bias for `relative`) == the XLA decode path."""
+    model = make_model(tiny(encoding, d_model=256, num_heads=4, num_kv_heads=2, max_len=300))
+    x, lengths = prompts(3, 200, [200, 1, 77])
+    xla = D.generate(model, x, lengths, max_new_tokens=8, decode_impl="xla")
+    for softmax in ("online", "unified_max"):
+        out = D.generate(model, x, lengths, max_new_tokens=8, decode_impl="pallas", softmax=softmax)
+        np.testing.assert_array_equal(out.tokens, xla.tokens, err_msg=softmax)
+    _, cache = D.prefill(model, x, lengths, max_len=210)
+    tok = jnp.array([1, 2, 3])
+    ref, _ = D.decode_step(model, cache, tok, decode_impl="xla")
+    got, _ = D.decode_step(model, cache, tok, decode_impl="pallas")
+    np.testing.assert_allclose(got, ref, atol=2e-3, rtol=2e-3)
