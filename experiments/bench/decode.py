@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import time
 import traceback
 import warnings
 from collections.abc import Callable
@@ -19,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.bench.common import Record, device_name, write_outputs
+from experiments.bench.common import Record, device_name, time_pipelined, write_outputs
 from pallas_kernels.decode_attention import (
     DecodeConfig,
     decode_attention,
@@ -32,26 +31,6 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 MODES = ("online", "unified_max")
 PALLAS_K_SPLITS = (4, 8, 16, 32, 64)
-
-
-def time_pipelined(fn: Callable, *args, iters: int = 20, reps: int = 5) -> float:
-    """Median over `reps` of the mean time (ms) of `iters` back-to-back calls, one sync each.
-
-    Calls are dispatched asynchronously and synchronised once per repetition, so the host's
-    per-call dispatch overlaps the previous kernel: this measures device throughput, the same
-    way for every implementation.
-    """
-    jax.block_until_ready(fn(*args))
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        out = None
-        for _ in range(iters):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) / iters)
-    return float(np.median(times) * 1e3)
 
 
 def make_inputs(shape: DecodeShape, dtype=jnp.bfloat16, seed: int = 0):
