@@ -5,8 +5,10 @@
 
 Small models leave an H100 mostly idle, so the runs share it as separate processes that
 allocate GPU memory on demand (XLA_PYTHON_CLIENT_PREALLOCATE=false; an equal split of the memory
-starves CoPE runs, whose T² tensors need ~10 GB at batch 64 x 512). Writes
-`<root>/summary.{json,md}`.
+starves CoPE runs, whose T² tensors need ~10 GB at batch 64 x 512). `--gpus 0,1` spreads the
+runs over several GPUs. `--deadline SECONDS` stops unfinished runs with SIGTERM (each saves a
+checkpoint), so a long sweep can be split over time-limited jobs by rerunning the same command.
+Writes `<root>/summary.{json,md}`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -46,15 +49,14 @@ def summarize(root: Path, names: list[str]) -> tuple[list[dict], str]:
         [],
         [
             "| run | encoding | steps | split: token error % (sequence error %) or perplexity | "
-            "paper |"
-            "ms/batch | tokens/s |",
+            "paper | ms/batch | tokens/s |",
             "|---|---|---|---|---|---|---|",
         ],
     )
     for name in names:
         path = root / name / "results.json"
         if not path.exists():
-            lines.append(f"| {name} | failed (see {name}/log.txt) | | | | | |")
+            lines.append(f"| {name} | not finished (see {name}/log.txt) | | | | | |")
             continue
         results = json.loads(path.read_text())
         config = json.loads((root / name / "config.json").read_text())
@@ -80,6 +82,29 @@ def summarize(root: Path, names: list[str]) -> tuple[list[dict], str]:
     return rows, "\n".join(lines)
 
 
+STOPPED = 3  # experiments.train's exit code after SIGTERM (checkpoint saved)
+
+
+def wait_all(procs: list, start: float, deadline: float) -> dict[str, int]:
+    """Waits for every run; at `deadline` seconds (0: none) sends SIGTERM to those still going."""
+    codes: dict[str, int] = {}
+    signalled = False
+    while len(codes) < len(procs):
+        for name, proc in procs:
+            if name not in codes and proc.poll() is not None:
+                codes[name] = proc.returncode
+                elapsed = time.time() - start
+                print(f"{name}: exit {proc.returncode} after {elapsed:.0f} s", flush=True)
+        if deadline and not signalled and time.time() - start > deadline:
+            signalled = True
+            for name, proc in procs:
+                if name not in codes:
+                    print(f"{name}: deadline, sending SIGTERM", flush=True)
+                    proc.send_signal(signal.SIGTERM)
+        time.sleep(1.0)
+    return codes
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--root", required=True)
@@ -90,13 +115,26 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="field=value applied to every run (repeatable)",
     )
+    parser.add_argument(
+        "--gpus",
+        default="",
+        help="comma-separated GPU ids; runs go to them round-robin via CUDA_VISIBLE_DEVICES",
+    )
+    parser.add_argument(
+        "--deadline",
+        type=float,
+        default=0.0,
+        help="seconds; then every unfinished run gets SIGTERM, saves a checkpoint and stops "
+        "(rerunning the same command resumes them)",
+    )
     args = parser.parse_args(argv)
+    gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
     names = [run_name(spec) for spec in args.config]
     procs = []
     start = time.time()
-    for spec, name in zip(args.config, names):
+    for i, (spec, name) in enumerate(zip(args.config, names)):
         cmd = [
             sys.executable,
             "-m",
@@ -109,15 +147,17 @@ def main(argv: list[str] | None = None) -> int:
             *(f"--config.{o}" for o in args.override),
         ]
         env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+        where = ""
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
+            where = f" on GPU {gpus[i % len(gpus)]}"
         (root / name).mkdir(parents=True, exist_ok=True)
-        log = (root / name / "log.txt").open("w")
+        log = (root / name / "log.txt").open("a")
         procs.append((name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)))
-        print(f"started {name}: {' '.join(cmd)}", flush=True)
-    failed = 0
-    for name, proc in procs:
-        code = proc.wait()
-        failed += code != 0
-        print(f"{name}: exit {code} after {time.time() - start:.0f} s", flush=True)
+        print(f"started {name}{where}: {' '.join(cmd)}", flush=True)
+    codes = wait_all(procs, start, args.deadline)
+    failed = sum(code not in (0, STOPPED) for code in codes.values())
+    stopped = [name for name, code in codes.items() if code == STOPPED]
     rows, table = summarize(root, names)
     command = "python -m experiments.sweep --root {} {} {}".format(
         args.root,
@@ -132,7 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     (root / "summary.md").write_text(md)
     (root / "summary.json").write_text(json.dumps(rows, indent=1))
     print(md)
-    return 1 if failed else 0
+    if stopped:
+        print(f"stopped at the deadline (rerun the same command to resume): {', '.join(stopped)}")
+    return 1 if failed else STOPPED if stopped else 0
 
 
 if __name__ == "__main__":

@@ -8,10 +8,13 @@ and a final `results.json`. Rerunning the same command resumes from the latest c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +38,24 @@ OPTIONAL_MODEL_INTS = ("num_kv_heads", "mlp_dim", "npos", "rel_max_distance")
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or inf; the last good checkpoint is kept."""
+
+
+class TrainingStopped(RuntimeError):
+    """SIGTERM arrived (preemption, a sweep's deadline); a checkpoint of that step was saved."""
+
+
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """Yields a list that becomes non-empty once SIGTERM arrives (main thread only)."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,53 +352,73 @@ def train_and_evaluate(
         desc=f"{config.task.name}/{model_cfg.encoding}",
         dynamic_ncols=True,
     )
-    try:
-        for step in range(start_step, train_cfg.steps):
-            batch = task.train_batch(train_cfg.seed, step, train_cfg.batch_size)
-            ts.state, loss = train_step(
-                ts.state, sharding.global_batch(batch, batch_sharding), jnp.int32(step)
+
+    def flush(done: int) -> np.ndarray:
+        """Fetches the losses since the last flush, stops on NaN/inf, logs them."""
+        nonlocal pending, interval_start, interval_steps_done
+        losses = np.asarray(jax.device_get(pending))
+        elapsed = time.perf_counter() - interval_start
+        pending = []
+        if not np.isfinite(losses).all():
+            bad = done - len(losses) + int(np.argmin(np.isfinite(losses)))
+            kept = checkpoints.steps()
+            raise TrainingDiverged(
+                f"loss became {losses[~np.isfinite(losses)][0]} at step {bad}; stopped. "
+                f"Last good checkpoint: "
+                f"{workdir / 'checkpoints' / str(kept[-1]) if kept else 'none'}"
             )
-            pending.append(loss)
-            interval_steps_done += 1
-            done = step + 1
-            if done in log_steps or done in ckpt_steps or done in eval_steps:
-                losses = np.asarray(jax.device_get(pending))
-                elapsed = time.perf_counter() - interval_start
-                pending = []
-                if not np.isfinite(losses).all():
-                    bad = done - len(losses) + int(np.argmin(np.isfinite(losses)))
-                    kept = checkpoints.steps()
-                    raise TrainingDiverged(
-                        f"loss became {losses[~np.isfinite(losses)][0]} at step {bad}; stopped. "
-                        f"Last good checkpoint: "
-                        f"{workdir / 'checkpoints' / str(kept[-1]) if kept else 'none'}"
-                    )
-                tokens_per_s = tokens_per_batch * interval_steps_done / elapsed
-                if step > start_step + interval_steps_done:  # skip the compiling interval
-                    rates.append(tokens_per_s)
-                record = {
-                    "train": {
-                        "loss": float(losses.mean()),
-                        "lr": float(schedule(step)),
-                        "tokens_per_s": tokens_per_s,
-                        "ms_per_batch": 1e3 * elapsed / interval_steps_done,
-                    }
-                }
-                log.write(done, record)
-                bar.set_postfix(
-                    loss=f"{losses.mean():.4f}",
-                    err=f"{last_eval.get(in_dist, {}).get('token_error', float('nan')):.4f}",
+        tokens_per_s = tokens_per_batch * interval_steps_done / elapsed
+        if done - interval_steps_done > start_step:  # skip the compiling interval
+            rates.append(tokens_per_s)
+        record = {
+            "train": {
+                "loss": float(losses.mean()),
+                "step_losses": [float(x) for x in losses],  # steps done-len+1 .. done
+                "lr": float(schedule(done - 1)),
+                "tokens_per_s": tokens_per_s,
+                "ms_per_batch": 1e3 * elapsed / interval_steps_done,
+            }
+        }
+        log.write(done, record)
+        interval_start, interval_steps_done = time.perf_counter(), 0
+        return losses
+
+    try:
+        with stop_on_sigterm() as stop_requested:
+            for step in range(start_step, train_cfg.steps):
+                batch = task.train_batch(train_cfg.seed, step, train_cfg.batch_size)
+                ts.state, loss = train_step(
+                    ts.state, sharding.global_batch(batch, batch_sharding), jnp.int32(step)
                 )
-                if done in ckpt_steps:
-                    checkpoints.save(done, ts.state, {"step": done})
-                if done in eval_steps and done != train_cfg.steps:
-                    last_eval = evaluate(task, ts, eval_step, config, config.eval.num_examples)
-                    log.write(done, {"eval": last_eval})
+                pending.append(loss)
+                interval_steps_done += 1
+                done = step + 1
+                if done in log_steps or done in ckpt_steps or done in eval_steps:
+                    losses = flush(done)
                     bar.set_postfix(
-                        loss=f"{losses.mean():.4f}", err=f"{last_eval[in_dist]['token_error']:.4f}"
+                        loss=f"{losses.mean():.4f}",
+                        err=f"{last_eval.get(in_dist, {}).get('token_error', float('nan')):.4f}",
                     )
-                interval_start, interval_steps_done = time.perf_counter(), 0
-            bar.update(1)
+                    if done in ckpt_steps:
+                        checkpoints.save(done, ts.state, {"step": done})
+                    if done in eval_steps and done != train_cfg.steps:
+                        last_eval = evaluate(task, ts, eval_step, config, config.eval.num_examples)
+                        log.write(done, {"eval": last_eval})
+                        bar.set_postfix(
+                            loss=f"{losses.mean():.4f}",
+                            err=f"{last_eval[in_dist]['token_error']:.4f}",
+                        )
+                    interval_start = time.perf_counter()  # evaluation is not training time
+                bar.update(1)
+                if stop_requested and done < train_cfg.steps:
+                    if pending:
+                        flush(done)
+                    if done not in ckpt_steps:
+                        checkpoints.save(done, ts.state, {"step": done})
+                    raise TrainingStopped(
+                        f"stopped by SIGTERM after step {done}; the checkpoint is saved, rerun the "
+                        "same command to resume"
+                    )
     finally:
         bar.close()
         checkpoints.close()
@@ -449,6 +490,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TrainingDiverged) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except TrainingStopped as stopped:
+        print(str(stopped), file=sys.stderr)
+        return 3
     print(format_results(results))
     return 0
 

@@ -177,6 +177,34 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     assert steps == sorted(set(steps)) == list(range(1, 25))  # no duplicated records
 
 
+def test_sigterm_saves_a_checkpoint_and_the_rerun_finishes_identically(tmp_path):
+    """SIGTERM mid-run: exit code 3, a checkpoint at that step, then an exact resume."""
+    script = """
+        import os, signal, sys
+        from experiments import train
+        write = train.MetricsLog.write
+        def write_then_maybe_term(self, step, record):
+            write(self, step, record)
+            if step == int(os.environ.get("TERM_AT", "0")):
+                os.kill(os.getpid(), signal.SIGTERM)
+        train.MetricsLog.write = write_then_maybe_term
+        sys.exit(train.main(["--config", "configs/flipflop.py:cope,smoke", "--workdir",
+                             os.environ["WORKDIR"], "--no-progress", "--config.train.steps=16",
+                             "--config.train.log_every=1", "--config.train.checkpoint_every=10"]))
+    """
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_child(script, {"WORKDIR": str(straight)})
+    stopped = run_child(script, {"WORKDIR": str(resumed), "TERM_AT": "7"}, check=False)
+    assert stopped.returncode == 3, stopped.stderr[-2000:]
+    assert "stopped by SIGTERM after step 7" in stopped.stderr
+    assert Checkpoints(resumed / "checkpoints", keep=3).steps() == [7]
+    run_child(script, {"WORKDIR": str(resumed)})
+    a = json.loads((straight / "results.json").read_text())["final"]
+    b = json.loads((resumed / "results.json").read_text())["final"]
+    assert a == b
+    assert [r["step"] for r in train_records(resumed)] == list(range(1, 17))
+
+
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path):
     config = smoke("flipflop", **{"train.steps": 10, "train.checkpoint_every": 5})
     train.train_and_evaluate(config, tmp_path, progress=False)
@@ -265,3 +293,58 @@ def test_evaluate_cli_reloads_the_run(tmp_path, capsys):
     assert again["step"] == 3 and again["final"] == results["final"]
     assert evaluate.main(["--workdir", str(tmp_path / "missing")]) == 2
     assert "not a run directory" in capsys.readouterr().err
+
+
+def test_multi_gpu_script_matches_one_device(tmp_path):
+    """experiments.multi_gpu on 4 fake CPU devices: same per-step losses, report files written."""
+    run_child(
+        f"""
+        import json
+        from experiments import multi_gpu
+        out = "{tmp_path}/report"
+        assert multi_gpu.main(["--config", "configs/flipflop.py:cope,smoke", "--steps", "8",
+                               "--log-every", "4", "--weak", "--out", out,
+                               "--workdir", "{tmp_path}/runs",
+                               "--override", "model.dropout=0.0"]) == 0
+        report = json.load(open(out + ".json"))
+        rows = {{row["setup"]: row for row in report["rows"]}}
+        assert set(rows) == {{"1 device", "4 devices", "4 devices, FSDP", "4 devices, batch x4"}}
+        for name in ("4 devices", "4 devices, FSDP"):
+            assert len(rows[name]["losses"]) == 8
+            assert rows[name]["max_rel_loss_diff"] < 1e-5, rows[name]["max_rel_loss_diff"]
+        assert "max_abs_loss_diff" not in rows["4 devices, batch x4"]
+        assert "| 4 devices, FSDP |" in open(out + ".md").read()
+        # A second call refuses to overwrite the runs.
+        assert multi_gpu.main(["--config", "configs/flipflop.py:cope,smoke", "--steps", "8",
+                               "--log-every", "4", "--out", out,
+                               "--workdir", "{tmp_path}/runs"]) == 2
+        print("ok")
+    """,
+        {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"},
+    )
+
+
+def test_sweep_deadline_stops_runs_and_the_rerun_resumes(tmp_path):
+    """A sweep past its deadline SIGTERMs its runs (exit 3); a rerun resumes from there."""
+    command = [
+        sys.executable, "-m", "experiments.sweep", "--root", str(tmp_path),
+        "--config", "configs/flipflop.py:cope,smoke",
+        "--override", "train.checkpoint_every=100000", "--override", "train.eval_every=100000",
+    ]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    first = subprocess.run(
+        command + ["--override", "train.steps=100000", "--deadline", "12"],
+        cwd=ROOT, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    run = tmp_path / "flipflop_cope_smoke"
+    assert first.returncode == 3, first.stdout[-2000:] + (run / "log.txt").read_text()[-2000:]
+    assert "stopped at the deadline" in first.stdout
+    saved = Checkpoints(run / "checkpoints", keep=3).steps()
+    assert len(saved) == 1 and 0 < saved[0] < 100000
+    finish = [f"train.steps={saved[0] + 5}", "--override", "eval.final_num_examples=32"]
+    second = subprocess.run(
+        command + ["--override", *finish], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert second.returncode == 0, (run / "log.txt").read_text()[-2000:]
+    assert json.loads((run / "results.json").read_text())["steps"] == saved[0] + 5
+    assert f"resuming {run} from step {saved[0]}" in (run / "log.txt").read_text()
