@@ -11,20 +11,38 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
+from flax import nnx
 
 from experiments import sharding, train
 from experiments.configlib import apply_override, load_config
 
 OFFICIAL_MS = {"abs": 50.0, "rel": 59.0, "cope": 100.0}  # issue 3, measured on this H100
+H100_BF16_TFLOPS = 989.4  # dense bf16 tensor-core peak of an H100 SXM
+
+
+def flops_per_token(num_params: int, num_layers: int, d_model: int, seq_len: int) -> float:
+    """Training FLOPs per token, the PaLM/nanoGPT convention: 6 N + 12 L d T.
+
+    6 N covers the forward and backward matmuls of every parameter (the tied output projection
+    included), 12 L d T the attention scores and values over all T keys (no causal discount).
+    The extra work of an encoding (CoPE's gates and position logits, relative logits) is not
+    model FLOPs, so every encoding of a shape is held to the same count.
+    """
+    return 6.0 * num_params + 12.0 * num_layers * d_model * seq_len
+
+
 VARIANTS = ("abs", "rel", "cope", "rope", "nope", "cope_rel", "cope_rope")
 
 
-def time_variant(config_spec: str, overrides: list[str], steps: int, warmup: int) -> dict:
+def time_variant(
+    config_spec: str, overrides: list[str], steps: int, warmup: int, peak_tflops: float
+) -> dict:
     config = load_config(config_spec)
     for override in overrides:
         apply_override(config, override)
@@ -47,7 +65,17 @@ def time_variant(config_spec: str, overrides: list[str], steps: int, warmup: int
     elapsed = run(warmup, steps)
     tokens = bs * task.seq_len(task.train_split)
     ms = 1e3 * elapsed / steps
+    num_params = sum(x.size for x in jax.tree.leaves(nnx.state(ts.model(), nnx.Param)))
+    per_token = flops_per_token(
+        num_params, config.model.num_layers, config.model.d_model, task.seq_len(task.train_split)
+    )
+    model_tflops = per_token * tokens / (ms / 1e3) / 1e12
     return {
+        "num_params": int(num_params),
+        "flops_per_token": per_token,
+        "model_tflops": model_tflops,
+        "mfu": model_tflops / peak_tflops,
+        "attention_impl": config.model.attention_impl,
         "config": config_spec,
         "encoding": config.model.encoding,
         "batch": bs,
@@ -72,23 +100,34 @@ def main(argv: list[str] | None = None) -> None:
         "--override", action="append", default=[], help="config override field=value (repeatable)"
     )
     parser.add_argument("--out", default=None, help="output prefix for .json and .md")
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=H100_BF16_TFLOPS,
+        help="the device's dense bf16 peak for MFU (default: H100 SXM)",
+    )
     args = parser.parse_args(argv)
 
     device = jax.devices()[0].device_kind
     records = []
-    print("| variant | ms/batch | tokens/s | official ms/batch | speed-up vs official |")
-    print("|---|---|---|---|---|")
+    columns = (
+        "| variant | ms/batch | tokens/s | model TFLOP/s | MFU | official ms/batch "
+        "| speed-up vs official |\n|---|---|---|---|---|---|---|"
+    )
+    print(columns)
     lines = []
     for variant in args.variants.split(","):
-        r = time_variant(f"{args.config}:{variant}", args.override, args.steps, args.warmup)
+        r = time_variant(
+            f"{args.config}:{variant}", args.override, args.steps, args.warmup, args.peak_tflops
+        )
         r |= {"variant": variant, "device": device, "jax": jax.__version__}
-        official = OFFICIAL_MS.get(variant)
+        official = OFFICIAL_MS.get(variant) if "counting" in args.config else None
         r["speedup_vs_official"] = official / r["ms_per_batch"] if official else None
         records.append(r)
         speedup = f"{r['speedup_vs_official']:.1f}×" if official else "n/a"
         line = (
             f"| {variant} | {r['ms_per_batch']:.2f} | {r['tokens_per_s']:,.0f} | "
-            f"{official or 'n/a'} | {speedup} |"
+            f"{r['model_tflops']:.0f} | {100 * r['mfu']:.1f}% | {official or 'n/a'} | {speedup} |"
         )
         lines.append(line)
         print(line, flush=True)
@@ -100,9 +139,10 @@ def main(argv: list[str] | None = None) -> None:
             f"# Training speed ({args.config}, batch {records[0]['batch']} x "
             f"{records[0]['seq_len']} tokens, {records[0]['dtype']})\n\nDevice: {device}, "
             f"jax {jax.__version__}. Command: `python -m experiments.bench_train "
-            f"--config {args.config} --steps {args.steps}`\n\n"
-            "| variant | ms/batch | tokens/s | official ms/batch | speed-up vs official |\n"
-            "|---|---|---|---|---|\n"
+            f"{' '.join(sys.argv[1:] if argv is None else argv)}`\n\n"
+            f"MFU: model FLOPs (6 N + 12 L d T per token, {records[0]['num_params']:,} "
+            f"parameters) per second over a {args.peak_tflops} TFLOP/s bf16 peak.\n\n"
+            f"{columns}\n"
         )
         prefix.with_suffix(".md").write_text(header + "\n".join(lines) + "\n")
 

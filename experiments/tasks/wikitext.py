@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import gzip
 import hashlib
 import os
 import stat
@@ -94,6 +95,13 @@ def local_files(directory: Path) -> dict[str, Path]:
 # ---------------------------------------------------------------------------------------------
 
 
+def read_lines(path: Path) -> list[str]:
+    """A text file's lines (gzip when it ends in .gz), line breaks kept, as `datasets` reads."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:  # universal newlines, split on "\n" only
+        return f.readlines()
+
+
 def hub_config_name(dataset: str, tokenizer: str) -> str:
     """The Salesforce/wikitext config: tokenized (`-v1`) for words, raw (`-raw-v1`) for BPE."""
     return f"{dataset}-raw-v1" if tokenizer == "bpe" else f"{dataset}-v1"
@@ -102,18 +110,31 @@ def hub_config_name(dataset: str, tokenizer: str) -> str:
 def load_lines(source: str, dataset: str, data_dir: str, tokenizer: str) -> dict[str, list[str]]:
     """{split: lines} of WikiText, one paragraph or heading per line, via `datasets`.
 
+    Local files are read with `datasets`' text builder when the library is installed, else
+    directly (the same lines, kept line breaks included: a GPU image without `datasets` still
+    trains on local files).
+
     Raises:
         DataUnavailable: local files missing, or the hub unreachable; one line saying which of
             `data_dir` / the network to fix.
     """
-    import datasets
-
     if source == "local":
         files = local_files(resolve_data_dir(data_dir, dataset))
+        try:
+            import datasets
+        except ImportError:
+            return {split: read_lines(files[split]) for split in SPLITS}
         data = datasets.load_dataset(
             "text", keep_linebreaks=True, data_files={s: str(p) for s, p in files.items()}
         )
         return {split: data[split]["text"] for split in SPLITS}
+    try:
+        import datasets
+    except ImportError:
+        raise DataUnavailable(
+            "wikitext source='hub' needs the `datasets` package (pip install datasets), or use "
+            f"source='local' with task.options.data_dir or {DATA_DIR_ENV}"
+        ) from None
     config = hub_config_name(dataset, tokenizer)
     try:
         data = datasets.load_dataset(HUB_NAME, config)

@@ -311,3 +311,20 @@ def test_extrapolate_cli(smoke_runs, tmp_path):
     runs = json.loads((tmp_path / "ex.json").read_text())
     assert [e["eval_seq_len"] for e in runs[0]["lengths"]] == [32, 64]
     assert (cope_dir / "extrapolation.json").exists()
+
+
+def test_local_lines_without_datasets_equal_the_datasets_text_builder(tmp_path, monkeypatch):
+    """The fallback reader gives exactly what `datasets` gives, odd line breaks included."""
+    from experiments.tasks import wikitext
+
+    files = {}
+    text = " = Title = \n\nA line\twith tab \x0c form feed\r\nold mac\rend\u2028sep\n last"
+    for split in wikitext.SPLITS:
+        files[split] = tmp_path / f"wiki.{split}.tokens.gz"
+        with gzip.open(files[split], "wt", encoding="utf-8", newline="") as f:
+            f.write(f"{split}: {text}")
+    with_datasets = wikitext.load_lines("local", "wikitext-2", str(tmp_path), "word")
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
+    without = wikitext.load_lines("local", "wikitext-2", str(tmp_path), "word")
+    assert without == with_datasets
+    assert len(without["train"]) == 6
