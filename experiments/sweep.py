@@ -14,6 +14,7 @@ Writes `<root>/summary.{json,md}`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -24,6 +25,7 @@ import time
 from pathlib import Path
 
 from experiments import paper
+from experiments.configlib import apply_override, load_config
 
 
 def run_name(spec: str) -> str:
@@ -85,24 +87,64 @@ def summarize(root: Path, names: list[str]) -> tuple[list[dict], str]:
 STOPPED = 3  # experiments.train's exit code after SIGTERM (checkpoint saved)
 
 
-def wait_all(procs: list, start: float, deadline: float) -> dict[str, int]:
-    """Waits for every run; at `deadline` seconds (0: none) sends SIGTERM to those still going."""
-    codes: dict[str, int] = {}
-    signalled = False
-    while len(codes) < len(procs):
-        for name, proc in procs:
-            if name not in codes and proc.poll() is not None:
-                codes[name] = proc.returncode
+@dataclasses.dataclass
+class Run:
+    name: str
+    command: list[str]
+    gpu: str | None  # a CUDA_VISIBLE_DEVICES value, or None for the default devices
+    proc: subprocess.Popen | None = None
+    code: int | None = None
+
+
+def finished(workdir: Path, steps: int) -> bool:
+    """True when the run's results.json is there for `steps` training steps."""
+    try:
+        return json.loads((workdir / "results.json").read_text()).get("steps") == steps
+    except (OSError, ValueError):
+        return False
+
+
+def schedule(runs: list[Run], root: Path, per_gpu: int, deadline: float) -> dict[str, int]:
+    """Runs everything, at most `per_gpu` at a time on each GPU (0: no limit), in list order.
+
+    At `deadline` seconds (0: none) running runs get SIGTERM (they save a checkpoint and exit 3)
+    and queued ones are not started (reported as STOPPED too).
+    """
+    start = time.time()
+    queued = list(runs)
+    running: list[Run] = []
+    past_deadline = False
+    while queued or running:
+        for run in list(running):
+            if run.proc.poll() is not None:
+                run.code = run.proc.returncode
+                running.remove(run)
                 elapsed = time.time() - start
-                print(f"{name}: exit {proc.returncode} after {elapsed:.0f} s", flush=True)
-        if deadline and not signalled and time.time() - start > deadline:
-            signalled = True
-            for name, proc in procs:
-                if name not in codes:
-                    print(f"{name}: deadline, sending SIGTERM", flush=True)
-                    proc.send_signal(signal.SIGTERM)
+                print(f"{run.name}: exit {run.code} after {elapsed:.0f} s", flush=True)
+        if deadline and not past_deadline and time.time() - start > deadline:
+            past_deadline = True
+            for run in running:
+                print(f"{run.name}: deadline, sending SIGTERM", flush=True)
+                run.proc.send_signal(signal.SIGTERM)
+            for run in queued:
+                run.code = STOPPED
+                print(f"{run.name}: deadline, not started", flush=True)
+            queued = []
+        for run in list(queued):
+            busy = sum(r.gpu == run.gpu for r in running)
+            if per_gpu and busy >= per_gpu:
+                continue
+            queued.remove(run)
+            env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+            if run.gpu is not None:
+                env["CUDA_VISIBLE_DEVICES"] = run.gpu
+            log = (root / run.name / "log.txt").open("a")
+            run.proc = subprocess.Popen(run.command, stdout=log, stderr=subprocess.STDOUT, env=env)
+            running.append(run)
+            where = f" on GPU {run.gpu}" if run.gpu is not None else ""
+            print(f"started {run.name}{where}: {' '.join(run.command)}", flush=True)
         time.sleep(1.0)
-    return codes
+    return {run.name: run.code for run in runs}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,6 +163,13 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated GPU ids; runs go to them round-robin via CUDA_VISIBLE_DEVICES",
     )
     parser.add_argument(
+        "--per-gpu",
+        type=int,
+        default=0,
+        help="at most this many runs at once on each GPU, the rest wait (default: all at once; "
+        "runs that share a GPU allocate on demand and can run out of its memory together)",
+    )
+    parser.add_argument(
         "--deadline",
         type=float,
         default=0.0,
@@ -128,14 +177,31 @@ def main(argv: list[str] | None = None) -> int:
         "(rerunning the same command resumes them)",
     )
     args = parser.parse_args(argv)
+    if args.per_gpu < 0:
+        parser.error("--per-gpu must be >= 0")
     gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
     names = [run_name(spec) for spec in args.config]
-    procs = []
-    start = time.time()
+    if len(set(names)) != len(names):
+        parser.error(f"two --config give the same run directory: {names}")
+    steps = {}
+    try:  # every config and override is checked before anything starts
+        for spec, name in zip(args.config, names):
+            config = load_config(spec)
+            for override in args.override:
+                apply_override(config, override)
+            steps[name] = config.train.steps
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    runs = []
     for i, (spec, name) in enumerate(zip(args.config, names)):
-        cmd = [
+        (root / name).mkdir(parents=True, exist_ok=True)
+        if finished(root / name, steps[name]):
+            print(f"{name}: finished earlier, not rerun ({root / name}/results.json)", flush=True)
+            continue
+        command = [
             sys.executable,
             "-m",
             "experiments.train",
@@ -146,16 +212,8 @@ def main(argv: list[str] | None = None) -> int:
             "--no-progress",
             *(f"--config.{o}" for o in args.override),
         ]
-        env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
-        where = ""
-        if gpus:
-            env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
-            where = f" on GPU {gpus[i % len(gpus)]}"
-        (root / name).mkdir(parents=True, exist_ok=True)
-        log = (root / name / "log.txt").open("a")
-        procs.append((name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)))
-        print(f"started {name}{where}: {' '.join(cmd)}", flush=True)
-    codes = wait_all(procs, start, args.deadline)
+        runs.append(Run(name, command, gpus[i % len(gpus)] if gpus else None))
+    codes = schedule(runs, root, args.per_gpu, args.deadline)
     failed = sum(code not in (0, STOPPED) for code in codes.values())
     stopped = [name for name, code in codes.items() if code == STOPPED]
     rows, table = summarize(root, names)
@@ -166,8 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     device = rows[0]["device"] if rows else "?"
     md = (
-        f"# Runs beside the CoPE paper\n\nDevice: {device} (runs share it as {len(names)} "
-        f"processes, so ms/batch is under sharing). Command: `{command}`\n\n{table}\n"
+        f"# Runs beside the CoPE paper\n\nDevice: {device} (runs may share a GPU, so ms/batch is "
+        f"under sharing). Command: `{command}`\n\n{table}\n"
     )
     (root / "summary.md").write_text(md)
     (root / "summary.json").write_text(json.dumps(rows, indent=1))

@@ -254,6 +254,15 @@ class MetricsLog:
                 self.writer.add_scalar(key, value, step)
         self.writer.flush()
 
+    def training_rates(self) -> list[float]:
+        """tokens/s of every logged interval that did not include compilation."""
+        records = [json.loads(line) for line in self.path.read_text().splitlines() if line]
+        return [
+            r["train"]["tokens_per_s"]
+            for r in records
+            if "train" in r and not r["train"].get("includes_compile", False)
+        ]
+
     def close(self) -> None:
         self.file.close()
         if self.writer is not None:
@@ -343,7 +352,7 @@ def train_and_evaluate(
     schedule = learning_rate_schedule(train_cfg)
 
     pending: list[jax.Array] = []  # losses not yet fetched: no host sync between log steps
-    interval_start, interval_steps_done, rates = time.perf_counter(), 0, []
+    interval_start, interval_steps_done = time.perf_counter(), 0
     last_eval: dict[str, dict] = {}
     bar = tqdm(
         total=train_cfg.steps,
@@ -368,8 +377,6 @@ def train_and_evaluate(
                 f"{workdir / 'checkpoints' / str(kept[-1]) if kept else 'none'}"
             )
         tokens_per_s = tokens_per_batch * interval_steps_done / elapsed
-        if done - interval_steps_done > start_step:  # skip the compiling interval
-            rates.append(tokens_per_s)
         record = {
             "train": {
                 "loss": float(losses.mean()),
@@ -377,6 +384,8 @@ def train_and_evaluate(
                 "lr": float(schedule(done - 1)),
                 "tokens_per_s": tokens_per_s,
                 "ms_per_batch": 1e3 * elapsed / interval_steps_done,
+                # The first interval after a (re)start includes compilation.
+                "includes_compile": done - interval_steps_done == start_step,
             }
         }
         log.write(done, record)
@@ -426,6 +435,7 @@ def train_and_evaluate(
     final = evaluate(task, ts, eval_step, config, config.eval.final_num_examples)
     log.write(train_cfg.steps, {"final": final})
     log.close()
+    rates = log.training_rates()  # the whole run's, across resumes
     results = {
         "task": config.task.name,
         "variant": config.variant,

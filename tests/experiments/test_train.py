@@ -348,3 +348,48 @@ def test_sweep_deadline_stops_runs_and_the_rerun_resumes(tmp_path):
     assert second.returncode == 0, (run / "log.txt").read_text()[-2000:]
     assert json.loads((run / "results.json").read_text())["steps"] == saved[0] + 5
     assert f"resuming {run} from step {saved[0]}" in (run / "log.txt").read_text()
+
+
+def test_throughput_is_the_whole_runs_and_survives_a_rerun(tmp_path):
+    """results.json's tokens/s is the median of the logged intervals without compilation."""
+    config = smoke(
+        "flipflop",
+        **{
+            "train.steps": 12,
+            "train.log_every": 3,
+            "train.eval_every": 6,
+            "train.checkpoint_every": 6,
+        },
+    )
+    first = train.train_and_evaluate(config, tmp_path, progress=False)
+    records = [r["train"] for r in train_records(tmp_path)]
+    assert [r["includes_compile"] for r in records] == [True, False, False, False]
+    assert first["tokens_per_s"] == np.median([r["tokens_per_s"] for r in records[1:]])
+    again = train.train_and_evaluate(config, tmp_path, progress=False)  # only re-evaluates
+    assert again["tokens_per_s"] == first["tokens_per_s"]
+    assert again["final"] == first["final"]
+
+
+def test_sweep_per_gpu_queues_runs_and_skips_finished_ones(tmp_path):
+    command = [
+        sys.executable, "-m", "experiments.sweep", "--root", str(tmp_path), "--per-gpu", "1",
+        "--config", "configs/flipflop.py:abs,smoke", "--config", "configs/counting.py:rope,smoke",
+        "--override", "train.steps=4",
+    ]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    first = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert first.returncode == 0, first.stdout[-3000:]
+    events = [line.split(":")[0] for line in first.stdout.splitlines() if ": exit" in line or
+              line.startswith("started")]  # fmt: skip
+    assert events == [
+        "started flipflop_abs_smoke",
+        "flipflop_abs_smoke",
+        "started counting_rope_smoke",
+        "counting_rope_smoke",
+    ]
+    again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert again.returncode == 0 and again.stdout.count("finished earlier, not rerun") == 2
+    bad = subprocess.run(
+        command + ["--override", "train.stepz=3"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "unknown config field 'train.stepz'" in bad.stderr
