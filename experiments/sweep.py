@@ -8,7 +8,8 @@ allocate GPU memory on demand (XLA_PYTHON_CLIENT_PREALLOCATE=false; an equal spl
 starves CoPE runs, whose T² tensors need ~10 GB at batch 64 x 512). `--gpus 0,1` spreads the
 runs over several GPUs. `--deadline SECONDS` stops unfinished runs with SIGTERM (each saves a
 checkpoint), so a long sweep can be split over time-limited jobs by rerunning the same command.
-Writes `<root>/summary.{json,md}`.
+Writes `<root>/summary.{json,md,png}` (the png: every run's periodic evaluations); `--report`
+only tabulates what is there, unfinished runs with their latest evaluation.
 """
 
 from __future__ import annotations
@@ -46,7 +47,28 @@ def paper_reference(results: dict, options: dict) -> str:
     return "n/a"
 
 
+def read_metrics(workdir: Path) -> list[dict]:
+    path = workdir / "metrics.jsonl"
+    return (
+        [json.loads(line) for line in path.read_text().splitlines() if line]
+        if path.exists()
+        else []
+    )
+
+
+def format_errors(metrics: dict[str, dict], language_model: bool) -> str:
+    return ", ".join(
+        f"{split}: ppl {m['perplexity']:.2f}"
+        if language_model
+        else f"{split}: {100 * m['token_error']:.2f} ({100 * m['sequence_error']:.1f})"
+        for split, m in metrics.items()
+        if split != "train"
+    )
+
+
 def summarize(root: Path, names: list[str]) -> tuple[list[dict], str]:
+    """Markdown table of the runs: final results, or for an unfinished run its latest evaluation
+    (periodic evaluations read fewer examples than the final one)."""
     rows, lines = (
         [],
         [
@@ -58,18 +80,37 @@ def summarize(root: Path, names: list[str]) -> tuple[list[dict], str]:
     for name in names:
         path = root / name / "results.json"
         if not path.exists():
-            lines.append(f"| {name} | not finished (see {name}/log.txt) | | | | | |")
+            records = read_metrics(root / name)
+            evals = [r for r in records if "eval" in r]
+            if not evals or not (root / name / "config.json").exists():
+                lines.append(f"| {name} | not started or failed (see {name}/log.txt) | | | | | |")
+                continue
+            config = json.loads((root / name / "config.json").read_text())
+            done = max(r["step"] for r in records)
+            last = evals[-1]
+            language_model = config["task"]["name"] == "wikitext"
+            partial = {"encoding": config["model"]["encoding"], "task": config["task"]["name"]}
+            lines.append(
+                f"| {name} | {partial['encoding']} | **unfinished: {done} of "
+                f"{config['train']['steps']}** | at step {last['step']} (periodic evaluation): "
+                f"{format_errors(last['eval'], language_model)} | "
+                f"{paper_reference(partial, config['task']['options'])} | | |"
+            )
+            rows.append(
+                {
+                    "run": name,
+                    **partial,
+                    "unfinished": True,
+                    "steps_done": done,
+                    "steps": config["train"]["steps"],
+                    "latest_eval_step": last["step"],
+                    "latest_eval": last["eval"],
+                }  # fmt: skip
+            )
             continue
         results = json.loads(path.read_text())
         config = json.loads((root / name / "config.json").read_text())
-        language_model = results["task"] == "wikitext"
-        errors = ", ".join(
-            f"{split}: ppl {m['perplexity']:.2f}"
-            if language_model
-            else f"{split}: {100 * m['token_error']:.2f} ({100 * m['sequence_error']:.1f})"
-            for split, m in results["final"].items()
-            if split != "train"
-        )
+        errors = format_errors(results["final"], results["task"] == "wikitext")
         ref = paper_reference(results, config["task"]["options"])
         ms = results.get("ms_per_batch")
         tps = results.get("tokens_per_s")
@@ -82,6 +123,52 @@ def summarize(root: Path, names: list[str]) -> tuple[list[dict], str]:
         )
         rows.append({"run": name, **results})
     return rows, "\n".join(lines)
+
+
+def plot_curves(root: Path, names: list[str], path: Path) -> None:
+    """Periodic evaluations vs step: a row per task, a panel per split (token error %, or
+    perplexity for language models), a line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_task: dict[str, dict[str, list[dict]]] = {}
+    for name in names:
+        history = [r for r in read_metrics(root / name) if "eval" in r]
+        if history and (root / name / "config.json").exists():
+            task = json.loads((root / name / "config.json").read_text())["task"]["name"]
+            by_task.setdefault(task, {})[name] = history
+    if not by_task:
+        return
+    splits = {
+        task: sorted({s for h in runs.values() for r in h for s in r["eval"]} - {"train"})
+        for task, runs in by_task.items()
+    }
+    cols = max(len(v) for v in splits.values())
+    fig, axes = plt.subplots(
+        len(by_task), cols, figsize=(4.2 * cols, 3.3 * len(by_task)), squeeze=False
+    )
+    for row, (task, runs) in enumerate(by_task.items()):
+        lm = task == "wikitext"
+        for col in range(cols):
+            ax = axes[row][col]
+            if col >= len(splits[task]):
+                ax.axis("off")
+                continue
+            split = splits[task][col]
+            for name, history in runs.items():
+                points = [(r["step"], r["eval"][split]) for r in history if split in r["eval"]]
+                values = [m["perplexity"] if lm else 100 * m["token_error"] for _, m in points]
+                ax.plot([p[0] for p in points], values, marker=".", label=name)
+            ax.set_title(f"{task}: {split}")
+            ax.set_xlabel("step")
+            ax.set_ylabel("perplexity" if lm else "token error %")
+            ax.grid(alpha=0.3)
+        axes[row][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 STOPPED = 3  # experiments.train's exit code after SIGTERM (checkpoint saved)
@@ -176,6 +263,11 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds; then every unfinished run gets SIGTERM, saves a checkpoint and stops "
         "(rerunning the same command resumes them)",
     )
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="start nothing: tabulate and plot the runs as they are (unfinished ones included)",
+    )
     args = parser.parse_args(argv)
     if args.per_gpu < 0:
         parser.error("--per-gpu must be >= 0")
@@ -197,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     runs = []
     for i, (spec, name) in enumerate(zip(args.config, names)):
+        if args.report:
+            break
         (root / name).mkdir(parents=True, exist_ok=True)
         if finished(root / name, steps[name]):
             print(f"{name}: finished earlier, not rerun ({root / name}/results.json)", flush=True)
@@ -222,13 +316,14 @@ def main(argv: list[str] | None = None) -> int:
         " ".join(f"--config {c}" for c in args.config),
         " ".join(f"--override {o}" for o in args.override),
     )
-    device = rows[0]["device"] if rows else "?"
+    device = next((row["device"] for row in rows if "device" in row), "?")
     md = (
         f"# Runs beside the CoPE paper\n\nDevice: {device} (runs may share a GPU, so ms/batch is "
         f"under sharing). Command: `{command}`\n\n{table}\n"
     )
     (root / "summary.md").write_text(md)
     (root / "summary.json").write_text(json.dumps(rows, indent=1))
+    plot_curves(root, names, root / "summary.png")
     print(md)
     if stopped:
         print(f"stopped at the deadline (rerun the same command to resume): {', '.join(stopped)}")
