@@ -6,8 +6,11 @@
 Trains one config from the same seed three times in this process: on the first device, data
 parallel over all N devices (batch sharded on the mesh's `data` axis, parameters replicated) and
 with FSDP (parameters and optimizer state sharded too). The global batch is the same in all
-three, so the per-step losses must agree up to the order of floating-point reductions; the
-table gives the largest per-step difference and tokens/s with the scaling efficiency
+three, so the per-step losses agree up to floating-point rounding: per-device matmuls of a
+smaller batch round differently in bf16, reductions run in another order, and Adam turns
+rounding-level changes of near-zero gradients into full-size updates, so curves drift apart
+after a few steps (`--float32` leaves the reduction order only). The table gives the largest
+per-step difference and tokens/s with the scaling efficiency
 tokens/s(N) / (N x tokens/s(1)). `--weak` adds a run with an N-times larger global batch (the
 per-device batch of the one-device run), whose throughput shows scaling when each device keeps
 its load. On CPU, `XLA_FLAGS=--xla_force_host_platform_device_count=4` gives 4 devices.
@@ -104,6 +107,7 @@ def run_setups(args: argparse.Namespace) -> dict:
     return {
         "config": args.config,
         "overrides": args.override,
+        "matmul_precision": str(jax.config.jax_default_matmul_precision),
         "steps": steps,
         "device": devices[0].device_kind,
         "num_devices": n,
@@ -117,8 +121,10 @@ def markdown(report: dict, command: str) -> str:
     lines = [
         f"# Data-parallel training on {report['num_devices']} x {report['device']}",
         "",
-        f"jax {report['jax']}. Config `{report['config']}`, {report['steps']} steps from the same "
-        f"seed. Command: `{command}`",
+        f"jax {report['jax']}. Config `{report['config']}` (overrides: "
+        f"{', '.join(report['overrides']) or 'none'}; matmul precision "
+        f"{report['matmul_precision']}), {report['steps']} steps from the same seed. "
+        f"Command: `{command}`",
         "",
         "| setup | global batch | ms/batch | tokens/s | scaling efficiency | "
         "max abs Δloss vs 1 device (any step) | max rel Δloss | Δloss at last step |",
@@ -181,17 +187,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-examples", type=int, default=1024, help="per split, at the end")
     parser.add_argument("--override", action="append", default=[], help="field=value")
     parser.add_argument("--no-fsdp", action="store_true", help="skip the FSDP run")
+    parser.add_argument(
+        "--float32",
+        action="store_true",
+        help="compute in float32 with full-precision matmuls (model.dtype=float32, "
+        "jax_default_matmul_precision=highest): differences are then reduction order only",
+    )
     parser.add_argument("--weak", action="store_true", help="add an N-times-larger-batch run")
     parser.add_argument("--workdir", default="", help="fresh root for the runs (default: tmp)")
     parser.add_argument("--out", required=True, help="output prefix for .json/.md/.png")
     args = parser.parse_args(argv)
     if args.steps < 2 * args.log_every:
         parser.error("--steps must be at least twice --log-every (the first interval compiles)")
+    if args.float32:
+        args.override = [*args.override, "model.dtype=float32"]
+        jax.config.update("jax_default_matmul_precision", "highest")
     try:
         report = run_setups(args)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except train.TrainingStopped as stopped:  # SIGTERM: the runs are not resumable here
+        print(f"error: {stopped}", file=sys.stderr)
+        return 3
     command = "python -m experiments.multi_gpu " + " ".join(sys.argv[1:] if argv is None else argv)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
