@@ -94,6 +94,11 @@ def main(argv: list[str] | None = None) -> None:
         help="config file; each variant is appended as :<variant>",
     )
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument(
+        "--options",
+        default="",
+        help="config options appended to every variant, e.g. size=gpt2_small,source=local",
+    )
     parser.add_argument("--steps", type=int, default=50, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument(
@@ -117,9 +122,8 @@ def main(argv: list[str] | None = None) -> None:
     print(columns)
     lines = []
     for variant in args.variants.split(","):
-        r = time_variant(
-            f"{args.config}:{variant}", args.override, args.steps, args.warmup, args.peak_tflops
-        )
+        spec = f"{args.config}:{variant}" + (f",{args.options}" if args.options else "")
+        r = time_variant(spec, args.override, args.steps, args.warmup, args.peak_tflops)
         r |= {"variant": variant, "device": device, "jax": jax.__version__}
         official = OFFICIAL_MS.get(variant) if "counting" in args.config else None
         r["speedup_vs_official"] = official / r["ms_per_batch"] if official else None

@@ -29,3 +29,23 @@ def test_cope_parts_writes_a_row_per_piece(tmp_path, capsys):
     assert len(report["rows"]) == 6
     assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in report["rows"])
     assert "| CoPE attention |" in capsys.readouterr().out
+
+
+def test_bench_train_reports_mfu_with_options(tmp_path):
+    from experiments import bench_train
+
+    out = tmp_path / "speed"
+    args = ["--config", "configs/counting.py", "--variants", "abs,cope", "--options", "smoke"]
+    bench_train.main([*args, "--steps", "1", "--warmup", "1", "--out", str(out)])
+    records = json.loads(out.with_suffix(".json").read_text())
+    assert [r["config"] for r in records] == [
+        "configs/counting.py:abs,smoke",
+        "configs/counting.py:cope,smoke",
+    ]
+    for r in records:
+        per_token = bench_train.flops_per_token(r["num_params"], 1, 32, r["seq_len"])
+        assert r["flops_per_token"] == per_token
+        expected = per_token * r["tokens_per_s"] / 1e12
+        np.testing.assert_allclose(r["model_tflops"], expected, rtol=1e-9)
+        np.testing.assert_allclose(r["mfu"], r["model_tflops"] / bench_train.H100_BF16_TFLOPS)
+    assert "MFU" in out.with_suffix(".md").read_text()
