@@ -10,6 +10,7 @@ Prints a table and writes JSON + markdown.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -19,6 +20,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from cope.model import ModelConfig, Transformer
 from experiments import sharding, train
 from experiments.configlib import apply_override, load_config
 
@@ -31,13 +33,21 @@ def flops_per_token(num_params: int, num_layers: int, d_model: int, seq_len: int
 
     6 N covers the forward and backward matmuls of every parameter (the tied output projection
     included), 12 L d T the attention scores and values over all T keys (no causal discount).
-    The extra work of an encoding (CoPE's gates and position logits, relative logits) is not
-    model FLOPs, so every encoding of a shape is held to the same count.
+    N leaves out position tables (`matmul_params`), and the extra work of an encoding (CoPE's
+    gates and position logits, relative logits) is not model FLOPs, so every encoding of a shape
+    is held to the same count.
     """
     return 6.0 * num_params + 12.0 * num_layers * d_model * seq_len
 
 
 VARIANTS = ("abs", "rel", "cope", "rope", "nope", "cope_rel", "cope_rope")
+
+
+def matmul_params(model_cfg: ModelConfig) -> int:
+    """Parameters of the same model without position encoding: those whose matmuls count."""
+    bare = dataclasses.replace(model_cfg, encoding="none")
+    abstract = nnx.eval_shape(lambda: Transformer(bare, rngs=nnx.Rngs(0)))
+    return int(sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param))))
 
 
 def time_variant(
@@ -66,12 +76,14 @@ def time_variant(
     tokens = bs * task.seq_len(task.train_split)
     ms = 1e3 * elapsed / steps
     num_params = sum(x.size for x in jax.tree.leaves(nnx.state(ts.model(), nnx.Param)))
+    flop_params = matmul_params(train.build_model_config(config, task))
     per_token = flops_per_token(
-        num_params, config.model.num_layers, config.model.d_model, task.seq_len(task.train_split)
+        flop_params, config.model.num_layers, config.model.d_model, task.seq_len(task.train_split)
     )
     model_tflops = per_token * tokens / (ms / 1e3) / 1e12
     return {
         "num_params": int(num_params),
+        "flop_params": flop_params,
         "flops_per_token": per_token,
         "model_tflops": model_tflops,
         "mfu": model_tflops / peak_tflops,
@@ -144,8 +156,9 @@ def main(argv: list[str] | None = None) -> None:
             f"{records[0]['seq_len']} tokens, {records[0]['dtype']})\n\nDevice: {device}, "
             f"jax {jax.__version__}. Command: `python -m experiments.bench_train "
             f"{' '.join(sys.argv[1:] if argv is None else argv)}`\n\n"
-            f"MFU: model FLOPs (6 N + 12 L d T per token, {records[0]['num_params']:,} "
-            f"parameters) per second over a {args.peak_tflops} TFLOP/s bf16 peak.\n\n"
+            f"MFU: model FLOPs (6 N + 12 L d T per token, N = {records[0]['flop_params']:,} "
+            f"parameters without position tables) per second over a {args.peak_tflops} TFLOP/s "
+            "bf16 peak.\n\n"
             f"{columns}\n"
         )
         prefix.with_suffix(".md").write_text(header + "\n".join(lines) + "\n")

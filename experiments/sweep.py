@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from experiments import paper
 from experiments.configlib import apply_override, load_config
@@ -66,9 +67,21 @@ def format_errors(metrics: dict[str, dict], language_model: bool) -> str:
     )
 
 
-def summarize(root: Path, names: list[str]) -> tuple[list[dict], str]:
-    """Markdown table of the runs: final results, or for an unfinished run its latest evaluation
-    (periodic evaluations read fewer examples than the final one)."""
+def checkpoint_steps(workdir: Path) -> list[int]:
+    """Steps of the run's saved checkpoints (orbax step folders), oldest first."""
+    folder = workdir / "checkpoints"
+    return (
+        sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
+    )
+
+
+def summarize(
+    root: Path, names: list[str], steps: dict[str, int] | None = None
+) -> tuple[list[dict], str]:
+    """Markdown table of the runs: final results, or for an unfinished run how far it trained,
+    its newest checkpoint (where a rerun resumes) and its latest periodic evaluation (which reads
+    fewer examples than the final one). `steps` are the requested steps per run (a results.json
+    for fewer steps is then shown as unfinished)."""
     rows, lines = (
         [],
         [
@@ -78,22 +91,32 @@ def summarize(root: Path, names: list[str]) -> tuple[list[dict], str]:
         ],
     )
     for name in names:
-        path = root / name / "results.json"
-        if not path.exists():
-            records = read_metrics(root / name)
-            evals = [r for r in records if "eval" in r]
-            if not evals or not (root / name / "config.json").exists():
-                lines.append(f"| {name} | not started or failed (see {name}/log.txt) | | | | | |")
+        workdir = root / name
+        path = workdir / "results.json"
+        wanted = (steps or {}).get(name)
+        if not path.exists() or (wanted is not None and not finished(workdir, wanted)):
+            if not (workdir / "config.json").exists():
+                lines.append(f"| {name} | not started (see {name}/log.txt) | | | | | |")
                 continue
-            config = json.loads((root / name / "config.json").read_text())
-            done = max(r["step"] for r in records)
-            last = evals[-1]
-            language_model = config["task"]["name"] == "wikitext"
+            config = json.loads((workdir / "config.json").read_text())
+            records = read_metrics(workdir)
+            trained = max((r["step"] for r in records if "train" in r), default=0)
+            saved = checkpoint_steps(workdir)
+            evals = [r for r in records if "eval" in r]
             partial = {"encoding": config["model"]["encoding"], "task": config["task"]["name"]}
+            progress = (
+                f"**unfinished: trained {trained} of {wanted or config['train']['steps']}, "
+                f"checkpoint at {saved[-1] if saved else 'none'}**"
+            )
+            if evals:
+                last = evals[-1]
+                evaluated = f"at step {last['step']} (periodic evaluation): " + format_errors(
+                    last["eval"], config["task"]["name"] == "wikitext"
+                )
+            else:
+                evaluated = f"no evaluation yet (see {name}/log.txt)"
             lines.append(
-                f"| {name} | {partial['encoding']} | **unfinished: {done} of "
-                f"{config['train']['steps']}** | at step {last['step']} (periodic evaluation): "
-                f"{format_errors(last['eval'], language_model)} | "
+                f"| {name} | {partial['encoding']} | {progress} | {evaluated} | "
                 f"{paper_reference(partial, config['task']['options'])} | | |"
             )
             rows.append(
@@ -101,11 +124,12 @@ def summarize(root: Path, names: list[str]) -> tuple[list[dict], str]:
                     "run": name,
                     **partial,
                     "unfinished": True,
-                    "steps_done": done,
-                    "steps": config["train"]["steps"],
-                    "latest_eval_step": last["step"],
-                    "latest_eval": last["eval"],
-                }  # fmt: skip
+                    "steps_trained": trained,
+                    "checkpoint_step": saved[-1] if saved else None,
+                    "steps": wanted or config["train"]["steps"],
+                    "latest_eval_step": evals[-1]["step"] if evals else None,
+                    "latest_eval": evals[-1]["eval"] if evals else None,
+                }
             )
             continue
         results = json.loads(path.read_text())
@@ -172,6 +196,7 @@ def plot_curves(root: Path, names: list[str], path: Path) -> None:
 
 
 STOPPED = 3  # experiments.train's exit code after SIGTERM (checkpoint saved)
+GRACE_S = 120.0  # after the deadline's SIGTERM, how long a run may take to save and exit
 
 
 @dataclasses.dataclass
@@ -180,6 +205,7 @@ class Run:
     command: list[str]
     gpu: str | None  # a CUDA_VISIBLE_DEVICES value, or None for the default devices
     proc: subprocess.Popen | None = None
+    log: Any = None
     code: int | None = None
 
 
@@ -191,11 +217,14 @@ def finished(workdir: Path, steps: int) -> bool:
         return False
 
 
-def schedule(runs: list[Run], root: Path, per_gpu: int, deadline: float) -> dict[str, int]:
+def schedule(
+    runs: list[Run], root: Path, per_gpu: int, deadline: float, grace: float = GRACE_S
+) -> dict[str, int]:
     """Runs everything, at most `per_gpu` at a time on each GPU (0: no limit), in list order.
 
     At `deadline` seconds (0: none) running runs get SIGTERM (they save a checkpoint and exit 3)
-    and queued ones are not started (reported as STOPPED too).
+    and queued ones are not started; a run still alive `grace` seconds later is killed (it
+    resumes from its last checkpoint). All of these are reported as STOPPED.
     """
     start = time.time()
     queued = list(runs)
@@ -205,9 +234,17 @@ def schedule(runs: list[Run], root: Path, per_gpu: int, deadline: float) -> dict
         for run in list(running):
             if run.proc.poll() is not None:
                 run.code = run.proc.returncode
+                if past_deadline and run.code in (-signal.SIGTERM, -signal.SIGKILL):
+                    run.code = STOPPED  # killed before its handler was installed, or hung
+                run.log.close()
                 running.remove(run)
                 elapsed = time.time() - start
-                print(f"{run.name}: exit {run.code} after {elapsed:.0f} s", flush=True)
+                print(f"{run.name}: exit {run.proc.returncode} after {elapsed:.0f} s", flush=True)
+        if past_deadline and time.time() - start > deadline + grace:
+            for run in running:
+                if run.proc.poll() is None:
+                    print(f"{run.name}: no exit {grace:.0f} s after SIGTERM, killing", flush=True)
+                    run.proc.kill()
         if deadline and not past_deadline and time.time() - start > deadline:
             past_deadline = True
             for run in running:
@@ -225,8 +262,10 @@ def schedule(runs: list[Run], root: Path, per_gpu: int, deadline: float) -> dict
             env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
             if run.gpu is not None:
                 env["CUDA_VISIBLE_DEVICES"] = run.gpu
-            log = (root / run.name / "log.txt").open("a")
-            run.proc = subprocess.Popen(run.command, stdout=log, stderr=subprocess.STDOUT, env=env)
+            run.log = (root / run.name / "log.txt").open("a")
+            run.proc = subprocess.Popen(
+                run.command, stdout=run.log, stderr=subprocess.STDOUT, env=env
+            )
             running.append(run)
             where = f" on GPU {run.gpu}" if run.gpu is not None else ""
             print(f"started {run.name}{where}: {' '.join(run.command)}", flush=True)
@@ -310,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     codes = schedule(runs, root, args.per_gpu, args.deadline)
     failed = sum(code not in (0, STOPPED) for code in codes.values())
     stopped = [name for name, code in codes.items() if code == STOPPED]
-    rows, table = summarize(root, names)
+    rows, table = summarize(root, names, steps)
     command = "python -m experiments.sweep --root {} {} {}".format(
         args.root,
         " ".join(f"--config {c}" for c in args.config),

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -236,7 +237,9 @@ class MetricsLog:
                 for line in self.path.read_text().splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= resume_step
             ]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            partial = self.path.with_suffix(".jsonl.tmp")  # a kill now must not erase history
+            partial.write_text("".join(line + "\n" for line in kept))
+            os.replace(partial, self.path)
         self.file = self.path.open("a")
         self.writer = None
         if jax.process_index() == 0:
@@ -324,8 +327,22 @@ def train_and_evaluate(
     Everything about the run is in `workdir`: config.json, metrics.jsonl, tensorboard/,
     checkpoints/ and results.json. A run whose checkpoint is at the last step only re-does the
     final evaluation.
+
+    SIGTERM raises TrainingStopped: during training after saving a checkpoint of the current
+    step, during set-up before training starts (nothing is lost). Once the last step is done the
+    final evaluation is finished and results.json written first (its checkpoint exists anyway).
     """
-    workdir = Path(workdir)
+    with stop_on_sigterm() as stop_requested:
+        return _train_and_evaluate(config, Path(workdir), devices, progress, stop_requested)
+
+
+def _train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: Path,
+    devices: list | None,
+    progress: bool,
+    stop_requested: list[int],
+) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
     check_run_config(workdir, config)
     task = build_task(config)
@@ -393,48 +410,51 @@ def train_and_evaluate(
         return losses
 
     try:
-        with stop_on_sigterm() as stop_requested:
-            for step in range(start_step, train_cfg.steps):
-                batch = task.train_batch(train_cfg.seed, step, train_cfg.batch_size)
-                ts.state, loss = train_step(
-                    ts.state, sharding.global_batch(batch, batch_sharding), jnp.int32(step)
+        if stop_requested:
+            raise TrainingStopped(
+                f"stopped by SIGTERM before training (resuming at step {start_step}); rerun "
+                "the same command to resume"
+            )
+        for step in range(start_step, train_cfg.steps):
+            batch = task.train_batch(train_cfg.seed, step, train_cfg.batch_size)
+            ts.state, loss = train_step(
+                ts.state, sharding.global_batch(batch, batch_sharding), jnp.int32(step)
+            )
+            pending.append(loss)
+            interval_steps_done += 1
+            done = step + 1
+            if done in log_steps or done in ckpt_steps or done in eval_steps:
+                losses = flush(done)
+                bar.set_postfix(
+                    loss=f"{losses.mean():.4f}",
+                    err=f"{last_eval.get(in_dist, {}).get('token_error', float('nan')):.4f}",
                 )
-                pending.append(loss)
-                interval_steps_done += 1
-                done = step + 1
-                if done in log_steps or done in ckpt_steps or done in eval_steps:
-                    losses = flush(done)
+                if done in ckpt_steps:
+                    checkpoints.save(done, ts.state, {"step": done})
+                if done in eval_steps and done != train_cfg.steps:
+                    last_eval = evaluate(task, ts, eval_step, config, config.eval.num_examples)
+                    log.write(done, {"eval": last_eval})
                     bar.set_postfix(
                         loss=f"{losses.mean():.4f}",
-                        err=f"{last_eval.get(in_dist, {}).get('token_error', float('nan')):.4f}",
+                        err=f"{last_eval[in_dist]['token_error']:.4f}",
                     )
-                    if done in ckpt_steps:
-                        checkpoints.save(done, ts.state, {"step": done})
-                    if done in eval_steps and done != train_cfg.steps:
-                        last_eval = evaluate(task, ts, eval_step, config, config.eval.num_examples)
-                        log.write(done, {"eval": last_eval})
-                        bar.set_postfix(
-                            loss=f"{losses.mean():.4f}",
-                            err=f"{last_eval[in_dist]['token_error']:.4f}",
-                        )
-                    interval_start = time.perf_counter()  # evaluation is not training time
-                bar.update(1)
-                if stop_requested and done < train_cfg.steps:
-                    if pending:
-                        flush(done)
-                    if done not in ckpt_steps:
-                        checkpoints.save(done, ts.state, {"step": done})
-                    raise TrainingStopped(
-                        f"stopped by SIGTERM after step {done}; the checkpoint is saved, rerun the "
-                        "same command to resume"
-                    )
+                interval_start = time.perf_counter()  # evaluation is not training time
+            bar.update(1)
+            if stop_requested and done < train_cfg.steps:
+                if pending:
+                    flush(done)
+                if done not in ckpt_steps:
+                    checkpoints.save(done, ts.state, {"step": done})
+                raise TrainingStopped(
+                    f"stopped by SIGTERM after step {done}; the checkpoint is saved, rerun the "
+                    "same command to resume"
+                )
+        final = evaluate(task, ts, eval_step, config, config.eval.final_num_examples)
+        log.write(train_cfg.steps, {"final": final})
     finally:
         bar.close()
         checkpoints.close()
-
-    final = evaluate(task, ts, eval_step, config, config.eval.final_num_examples)
-    log.write(train_cfg.steps, {"final": final})
-    log.close()
+        log.close()
     rates = log.training_rates()  # the whole run's, across resumes
     results = {
         "task": config.task.name,

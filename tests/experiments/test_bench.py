@@ -38,12 +38,14 @@ def test_bench_train_reports_mfu_with_options(tmp_path):
     args = ["--config", "configs/counting.py", "--variants", "abs,cope", "--options", "smoke"]
     bench_train.main([*args, "--steps", "1", "--warmup", "1", "--out", str(out)])
     records = json.loads(out.with_suffix(".json").read_text())
+    assert records[0]["flop_params"] == records[1]["flop_params"]
     assert [r["config"] for r in records] == [
         "configs/counting.py:abs,smoke",
         "configs/counting.py:cope,smoke",
     ]
     for r in records:
-        per_token = bench_train.flops_per_token(r["num_params"], 1, 32, r["seq_len"])
+        assert r["flop_params"] < r["num_params"]  # the position tables are left out
+        per_token = bench_train.flops_per_token(r["flop_params"], 1, 32, r["seq_len"])
         assert r["flops_per_token"] == per_token
         expected = per_token * r["tokens_per_s"] / 1e12
         np.testing.assert_allclose(r["model_tflops"], expected, rtol=1e-9)

@@ -177,32 +177,56 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     assert steps == sorted(set(steps)) == list(range(1, 25))  # no duplicated records
 
 
-def test_sigterm_saves_a_checkpoint_and_the_rerun_finishes_identically(tmp_path):
-    """SIGTERM mid-run: exit code 3, a checkpoint at that step, then an exact resume."""
+@pytest.mark.parametrize("when", ["mid_interval", "setup"])
+def test_sigterm_stops_cleanly_and_the_rerun_finishes_identically(tmp_path, when):
+    """SIGTERM after step 7 of a 4-step log interval (a checkpoint at 7 and the partial interval
+    logged), or during set-up (nothing trained, nothing lost): exit code 3, then an exact resume."""
     script = """
         import os, signal, sys
         from experiments import train
-        write = train.MetricsLog.write
-        def write_then_maybe_term(self, step, record):
-            write(self, step, record)
-            if step == int(os.environ.get("TERM_AT", "0")):
+        when = os.environ.get("TERM_WHEN", "")
+        if when == "mid_interval":
+            make = train.make_train_step
+            def make_and_wrap(ts, seed):
+                step = make(ts, seed)
+                def wrapped(state, batch, i):
+                    out = step(state, batch, i)
+                    if int(i) == 6:
+                        os.kill(os.getpid(), signal.SIGTERM)
+                    return out
+                return wrapped
+            train.make_train_step = make_and_wrap
+        if when == "setup":
+            init = train.MetricsLog.__init__
+            def init_then_term(self, *args):
+                init(self, *args)
                 os.kill(os.getpid(), signal.SIGTERM)
-        train.MetricsLog.write = write_then_maybe_term
+            train.MetricsLog.__init__ = init_then_term
         sys.exit(train.main(["--config", "configs/flipflop.py:cope,smoke", "--workdir",
                              os.environ["WORKDIR"], "--no-progress", "--config.train.steps=16",
-                             "--config.train.log_every=1", "--config.train.checkpoint_every=10"]))
+                             "--config.train.log_every=4", "--config.train.checkpoint_every=12"]))
     """
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_child(script, {"WORKDIR": str(straight)})
-    stopped = run_child(script, {"WORKDIR": str(resumed), "TERM_AT": "7"}, check=False)
+    stopped = run_child(script, {"WORKDIR": str(resumed), "TERM_WHEN": when}, check=False)
     assert stopped.returncode == 3, stopped.stderr[-2000:]
-    assert "stopped by SIGTERM after step 7" in stopped.stderr
-    assert Checkpoints(resumed / "checkpoints", keep=3).steps() == [7]
+    if when == "mid_interval":
+        assert "stopped by SIGTERM after step 7" in stopped.stderr
+        assert Checkpoints(resumed / "checkpoints", keep=3).steps() == [7]
+        assert [r["step"] for r in train_records(resumed)] == [4, 7]
+    else:
+        assert "stopped by SIGTERM before training" in stopped.stderr
+        assert not (resumed / "checkpoints").exists() or not any(
+            (resumed / "checkpoints").iterdir()
+        )
     run_child(script, {"WORKDIR": str(resumed)})
     a = json.loads((straight / "results.json").read_text())["final"]
     b = json.loads((resumed / "results.json").read_text())["final"]
     assert a == b
-    assert [r["step"] for r in train_records(resumed)] == list(range(1, 17))
+    steps = [r["step"] for r in train_records(resumed)]
+    assert steps == ([4, 7, 8, 10, 12, 16] if when == "mid_interval" else [4, 8, 10, 12, 16])
+    losses = [x for r in train_records(resumed) for x in r["train"]["step_losses"]]
+    assert losses == [x for r in train_records(straight) for x in r["train"]["step_losses"]]
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path):
@@ -393,3 +417,17 @@ def test_sweep_per_gpu_queues_runs_and_skips_finished_ones(tmp_path):
         command + ["--override", "train.stepz=3"], cwd=ROOT, env=env, capture_output=True, text=True
     )
     assert bad.returncode == 2 and "unknown config field 'train.stepz'" in bad.stderr
+
+
+def test_sweep_deadline_before_the_runs_handle_sigterm_counts_as_stopped(tmp_path):
+    """A run terminated while still importing (no handler yet) is stopped, not failed."""
+    command = [
+        sys.executable, "-m", "experiments.sweep", "--root", str(tmp_path), "--deadline", "0.5",
+        "--config", "configs/flipflop.py:abs,smoke",
+    ]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 3, result.stdout[-2000:]
+    assert "stopped at the deadline (rerun the same command to resume): flipflop_abs_smoke" in (
+        result.stdout
+    )

@@ -315,6 +315,7 @@ def test_extrapolate_cli(smoke_runs, tmp_path):
 
 def test_local_lines_without_datasets_equal_the_datasets_text_builder(tmp_path, monkeypatch):
     """The fallback reader gives exactly what `datasets` gives, odd line breaks included."""
+    pytest.importorskip("datasets")
     from experiments.tasks import wikitext
 
     files = {}
