@@ -83,6 +83,7 @@ def base_config(task: str, variant: str) -> ml_collections.ConfigDict:
             dtype="bfloat16",
             param_dtype="float32",
             remat=False,
+            cope_remat=False,
         )
     )  # 0 means "the model's default" for the optional integer fields
     c.train = ml_collections.ConfigDict(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -56,6 +57,9 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     remat: bool = False  # rematerialise each block in the backward pass (saves CoPE's T² memory)
+    # Recompute only CoPE attention in the backward pass: keeps q, k, v and the table instead of
+    # ~10 [B, H, T, S] float32 intermediates per layer, for one extra CoPE forward.
+    cope_remat: bool = False
 
     def __post_init__(self):
         def fail(field: str, why: str):
@@ -214,17 +218,12 @@ class Attention(nnx.Module):
             bias = F.relative_logits(q, rel_table, k.shape[1], q_offset=q_offset)
         if spec.cope:
             table = self.cope.table[...] if self.cope is not None else cope_table
-            return F.cope_attention(
-                q,
-                k,
-                v,
-                table,
-                causal=causal,
-                lengths=lengths,
-                nodiv=cfg.cope_nodiv,
-                gate_k=gate_k,
-                bias=bias,
+            attend = functools.partial(
+                F.cope_attention, causal=causal, nodiv=cfg.cope_nodiv, lengths=lengths
             )
+            if cfg.cope_remat:
+                attend = jax.checkpoint(attend)
+            return attend(q, k, v, table, gate_k=gate_k, bias=bias)
         return F.attention(
             q, k, v, causal=causal, lengths=lengths, bias=bias, impl=cfg.attention_impl
         )

@@ -138,6 +138,35 @@ def test_options_shared_cope_sep_key_prenorm_rmsnorm_untied_remat():
     assert model.blocks[0].attn.gate_key is not None
 
 
+@pytest.mark.parametrize("encoding", ["cope", "cope+relative"])
+def test_cope_remat_same_logits_and_grads_smaller_residuals(encoding):
+    """cope_remat recomputes CoPE attention in the backward pass: same values, and the saved
+    residuals no longer hold the [B, H, T, T] float32 intermediates."""
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    x = tokens(2, 33)
+
+    def loss(model):
+        return model(x, lengths=jnp.array([33, 20])).mean()
+
+    results = {}
+    for remat in (False, True):
+        model = make_model(tiny(encoding, cope_remat=remat, dropout=0.0), seed=seed)
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+        def pure(params, graphdef=graphdef, rest=rest):
+            return loss(nnx.merge(graphdef, params, rest))
+
+        value, vjp = jax.vjp(pure, params)
+        residual_bytes = sum(getattr(r, "nbytes", 0) for r in jax.tree.leaves(vjp))
+        (grads,) = vjp(jnp.ones_like(value))
+        results[remat] = (value, grads, residual_bytes)
+    (v0, g0, r0), (v1, g1, r1) = results[False], results[True]
+    np.testing.assert_allclose(v1, v0, rtol=1e-6, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+    assert r1 < 0.6 * r0, (r1, r0)
+
+
 def test_cope_table_starts_at_zero():
     model = Transformer(tiny("cope"), rngs=nnx.Rngs(0))
     assert float(jnp.abs(model.blocks[0].attn.cope.table[...]).max()) == 0.0
