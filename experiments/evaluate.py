@@ -9,8 +9,11 @@ from pathlib import Path
 
 import ml_collections
 
+from cope.model import ModelConfig
 from experiments.checkpointing import Checkpoints, abstract_like
+from experiments.tasks import Task
 from experiments.train import (
+    TrainState,
     build_model_config,
     build_task,
     evaluate,
@@ -27,13 +30,11 @@ def load_run_config(workdir: Path) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
-def evaluate_run(
-    workdir: str | Path, *, num_examples: int | None = None, splits: tuple[str, ...] | None = None
-) -> dict:
-    """Restores the newest readable checkpoint of `workdir` and evaluates it."""
-    workdir = Path(workdir)
-    config = load_run_config(workdir)
-    task = build_task(config)
+def restore_run(
+    workdir: Path, config: ml_collections.ConfigDict, task: Task
+) -> tuple[TrainState, ModelConfig, int]:
+    """The run's newest readable checkpoint, restored into a train state built from `config`
+    (model sizes from `task`); returns (state, model config, step)."""
     model_cfg = build_model_config(config, task)
     ts = init_train_state(config, model_cfg)
     checkpoints = Checkpoints(workdir / "checkpoints", keep=config.train.keep_checkpoints)
@@ -42,6 +43,17 @@ def evaluate_run(
     if restored is None:
         raise ValueError(f"no readable checkpoint in {workdir / 'checkpoints'}")
     step, ts.state, _ = restored
+    return ts, model_cfg, step
+
+
+def evaluate_run(
+    workdir: str | Path, *, num_examples: int | None = None, splits: tuple[str, ...] | None = None
+) -> dict:
+    """Restores the newest readable checkpoint of `workdir` and evaluates it."""
+    workdir = Path(workdir)
+    config = load_run_config(workdir)
+    task = build_task(config)
+    ts, model_cfg, step = restore_run(workdir, config, task)
     final = evaluate(
         task, ts, make_eval_step(ts), config, num_examples or config.eval.final_num_examples, splits
     )

@@ -22,14 +22,11 @@ from typing import Any
 import jax
 import ml_collections
 
-from experiments.checkpointing import Checkpoints, abstract_like
-from experiments.evaluate import load_run_config
+from experiments.evaluate import load_run_config, restore_run
 from experiments.tasks import make_task
 from experiments.train import (
-    build_model_config,
     build_task,
     evaluate,
-    init_train_state,
     make_eval_step,
 )
 
@@ -76,14 +73,7 @@ def extrapolate_run(
         raise ValueError(f"{workdir} is a {config.task.name!r} run; extrapolation needs wikitext")
     train_task = build_task(config)
     train_len = train_task.seq_len(train_task.train_split)
-    model_cfg = build_model_config(config, train_task)
-    ts = init_train_state(config, model_cfg)
-    checkpoints = Checkpoints(workdir / "checkpoints", keep=config.train.keep_checkpoints)
-    restored = checkpoints.restore_latest(abstract_like(ts.state, ts.shardings))
-    checkpoints.close()
-    if restored is None:
-        raise ValueError(f"no readable checkpoint in {workdir / 'checkpoints'}")
-    step, ts.state, _ = restored
+    ts, model_cfg, step = restore_run(workdir, config, train_task)
     eval_step = make_eval_step(ts)
     rows_at_train_len = batch_size or config.eval.batch_size
 

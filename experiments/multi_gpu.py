@@ -30,13 +30,13 @@ import numpy as np
 
 from experiments import train
 from experiments.configlib import apply_override, load_config
+from experiments.metrics import read_metrics
 
 
 def step_losses(workdir: Path) -> np.ndarray:
     """Every step's training loss, in step order, from the run's metrics.jsonl."""
     losses: dict[int, float] = {}
-    for line in (workdir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
+    for record in read_metrics(workdir):
         values = record.get("train", {}).get("step_losses")
         if values:
             first = record["step"] - len(values) + 1

@@ -28,6 +28,7 @@ from typing import Any
 
 from experiments import paper
 from experiments.configlib import apply_override, load_config
+from experiments.metrics import read_metrics
 
 
 def run_name(spec: str) -> str:
@@ -46,15 +47,6 @@ def paper_reference(results: dict, options: dict) -> str:
     if task == "wikitext" and enc in paper.WIKITEXT103:
         return "WikiText-103 val {} / test {} ppl".format(*paper.WIKITEXT103[enc])
     return "n/a"
-
-
-def read_metrics(workdir: Path) -> list[dict]:
-    path = workdir / "metrics.jsonl"
-    return (
-        [json.loads(line) for line in path.read_text().splitlines() if line]
-        if path.exists()
-        else []
-    )
 
 
 def format_errors(metrics: dict[str, dict], language_model: bool) -> str:

@@ -32,6 +32,7 @@ from cope.model import ModelConfig, Transformer
 from experiments import sharding
 from experiments.checkpointing import Checkpoints, abstract_like
 from experiments.configlib import apply_override, load_config, split_overrides
+from experiments.metrics import read_metrics
 from experiments.tasks import Task, finalize, make_task
 
 OPTIONAL_MODEL_INTS = ("num_kv_heads", "mlp_dim", "npos", "rel_max_distance")
@@ -259,10 +260,9 @@ class MetricsLog:
 
     def training_rates(self) -> list[float]:
         """tokens/s of every logged interval that did not include compilation."""
-        records = [json.loads(line) for line in self.path.read_text().splitlines() if line]
         return [
             r["train"]["tokens_per_s"]
-            for r in records
+            for r in read_metrics(self.path.parent)
             if "train" in r and not r["train"].get("includes_compile", False)
         ]
 

@@ -7,6 +7,21 @@ from flax import nnx
 from cope.model import ModelConfig, Transformer
 
 
+def tiny_config(encoding: str, vocab_size: int, **overrides) -> ModelConfig:
+    """A 2-layer, 32-wide GQA model (4 heads, 2 KV heads) with short tables, for fast tests."""
+    fields = dict(
+        vocab_size=vocab_size,
+        num_layers=2,
+        d_model=32,
+        num_heads=4,
+        num_kv_heads=2,
+        encoding=encoding,
+        max_len=24,
+        npos=9,
+    )
+    return ModelConfig(**(fields | overrides))
+
+
 def make_model(cfg: ModelConfig, seed: int | None = None) -> Transformer:
     """A model in eval mode with fresh random weights, CoPE tables included.
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from model_helpers import make_model
+from model_helpers import make_model, tiny_config
 
 from cope.encodings import ENCODINGS, sinusoidal_table
 from cope.model import GPT2_SMALL, ModelConfig, Transformer
@@ -16,21 +16,7 @@ V = 13
 
 
 def tiny(encoding, **overrides):
-    cfg = (
-        dict(
-            vocab_size=V,
-            num_layers=2,
-            d_model=32,
-            num_heads=4,
-            num_kv_heads=2,
-            encoding=encoding,
-            max_len=24,
-            npos=9,
-            dropout=0.1,
-        )
-        | overrides
-    )
-    return ModelConfig(**cfg)
+    return tiny_config(encoding, V, **({"dropout": 0.1} | overrides))
 
 
 def tokens(b, t):

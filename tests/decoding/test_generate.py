@@ -4,11 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from model_helpers import make_model
+from model_helpers import make_model, tiny_config
 
 import decoding as D
 from cope.encodings import ENCODINGS
-from cope.model import ModelConfig
 
 V = 29
 N_NEW = 6
@@ -25,21 +24,7 @@ CASE_IDS = [e + "".join(f"-{k}" for k in o) for e, o in CASES]
 def tiny(encoding, **overrides):
     # Untied embeddings: a tied random model mostly repeats its last token, which would make
     # "cached == recomputed" hold trivially.
-    cfg = (
-        dict(
-            vocab_size=V,
-            num_layers=2,
-            d_model=32,
-            num_heads=4,
-            num_kv_heads=2,
-            encoding=encoding,
-            max_len=24,
-            npos=9,
-            tie_embeddings=False,
-        )
-        | overrides
-    )
-    return ModelConfig(**cfg)
+    return tiny_config(encoding, V, **({"tie_embeddings": False} | overrides))
 
 
 def prompts(b, t, lengths):
