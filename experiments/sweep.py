@@ -28,7 +28,7 @@ from typing import Any
 
 from experiments import paper
 from experiments.configlib import apply_override, load_config
-from experiments.metrics import read_metrics
+from experiments.metrics import read_metrics, saved_steps
 
 
 def run_name(spec: str) -> str:
@@ -59,12 +59,25 @@ def format_errors(metrics: dict[str, dict], language_model: bool) -> str:
     )
 
 
-def checkpoint_steps(workdir: Path) -> list[int]:
-    """Steps of the run's saved checkpoints (orbax step folders), oldest first."""
-    folder = workdir / "checkpoints"
-    return (
-        sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
-    )
+ERROR_LINE = re.compile(r"^(error: |[\w.]+(Error|Exception|Exhausted)\b: )")
+
+
+def failure(workdir: Path) -> str | None:
+    """The error that ended the run's last attempt (its `log.txt` ends with one), else None.
+
+    train.py writes a one-line `error: ...` (bad config, NaN loss, out of device memory); other
+    crashes end with a Python traceback, whose last line names the exception.
+    """
+    path = workdir / "log.txt"
+    if not path.exists():
+        return None
+    for line in reversed(path.read_text(errors="replace").splitlines()[-60:]):
+        if "stopped by SIGTERM" in line or line.startswith("resuming "):
+            return None  # the last attempt was stopped, or is still running
+        if ERROR_LINE.match(line.strip()):
+            text = line.strip().removeprefix("error: ")
+            return text if len(text) <= 200 else text[:197] + "..."
+    return None
 
 
 def summarize(
@@ -88,17 +101,21 @@ def summarize(
         wanted = (steps or {}).get(name)
         if not path.exists() or (wanted is not None and not finished(workdir, wanted)):
             if not (workdir / "config.json").exists():
-                lines.append(f"| {name} | not started (see {name}/log.txt) | | | | | |")
+                failed = failure(workdir)
+                status = f"failed before training: {failed}" if failed else "not started"
+                lines.append(f"| {name} | {status} (see {name}/log.txt) | | | | | |")
                 continue
             config = json.loads((workdir / "config.json").read_text())
             records = read_metrics(workdir)
             trained = max((r["step"] for r in records if "train" in r), default=0)
-            saved = checkpoint_steps(workdir)
+            saved = saved_steps(workdir)
             evals = [r for r in records if "eval" in r]
             partial = {"encoding": config["model"]["encoding"], "task": config["task"]["name"]}
+            failed = failure(workdir)
             progress = (
-                f"**unfinished: trained {trained} of {wanted or config['train']['steps']}, "
-                f"checkpoint at {saved[-1] if saved else 'none'}**"
+                f"**{f'failed ({failed}); ' if failed else 'unfinished: '}trained {trained} of "
+                f"{wanted or config['train']['steps']}, checkpoint at "
+                f"{saved[-1] if saved else 'none'}**"
             )
             if evals:
                 last = evals[-1]
@@ -116,6 +133,7 @@ def summarize(
                     "run": name,
                     **partial,
                     "unfinished": True,
+                    "failed": failed,
                     "steps_trained": trained,
                     "checkpoint_step": saved[-1] if saved else None,
                     "steps": wanted or config["train"]["steps"],
@@ -231,7 +249,12 @@ def schedule(
                 run.log.close()
                 running.remove(run)
                 elapsed = time.time() - start
-                print(f"{run.name}: exit {run.proc.returncode} after {elapsed:.0f} s", flush=True)
+                why = failure(root / run.name) if run.code not in (0, STOPPED) else None
+                print(
+                    f"{run.name}: exit {run.proc.returncode} after {elapsed:.0f} s"
+                    + (f" ({why}; see {run.name}/log.txt)" if why else ""),
+                    flush=True,
+                )
         if past_deadline and time.time() - start > deadline + grace:
             for run in running:
                 if run.proc.poll() is None:

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -32,7 +33,7 @@ from cope.model import ModelConfig, Transformer
 from experiments import sharding
 from experiments.checkpointing import Checkpoints, abstract_like
 from experiments.configlib import apply_override, load_config, split_overrides
-from experiments.metrics import read_metrics
+from experiments.metrics import read_metrics, saved_steps
 from experiments.tasks import Task, finalize, make_task
 
 OPTIONAL_MODEL_INTS = ("num_kv_heads", "mlp_dim", "npos", "rel_max_distance")
@@ -44,6 +45,26 @@ class TrainingDiverged(RuntimeError):
 
 class TrainingStopped(RuntimeError):
     """SIGTERM arrived (preemption, a sweep's deadline); a checkpoint of that step was saved."""
+
+
+OUT_OF_MEMORY_EXIT = 4
+
+
+def out_of_memory_message(error: Exception, workdir: str | Path) -> str | None:
+    """One line for an XLA out-of-memory error (None for any other error): what failed, what is
+    kept, and how to go on. Device OOM happens when runs share a GPU or a config outgrows it."""
+    text = str(error)
+    if "RESOURCE_EXHAUSTED" not in text:
+        return None
+    first = text.strip().splitlines()[0] if text.strip() else text
+    first = re.sub(r"\s*\[[^\]]*\]", "", first).replace("RESOURCE_EXHAUSTED: ", "").strip()
+    steps = saved_steps(workdir)
+    kept = f"checkpoint at step {steps[-1]} kept" if steps else "no checkpoint yet"
+    return (
+        f"out of device memory ({first[:160]}); {kept}. Rerun the same command to resume once "
+        "the device has room (fewer runs per GPU: sweep --per-gpu); a new run needs less with "
+        "model.remat=True or a smaller train.batch_size"
+    )
 
 
 @contextlib.contextmanager
@@ -523,6 +544,12 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingStopped as stopped:
         print(str(stopped), file=sys.stderr)
         return 3
+    except jax.errors.JaxRuntimeError as error:
+        message = out_of_memory_message(error, args.workdir)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return OUT_OF_MEMORY_EXIT
     print(format_results(results))
     return 0
 

@@ -431,3 +431,55 @@ def test_sweep_deadline_before_the_runs_handle_sigterm_counts_as_stopped(tmp_pat
     assert "stopped at the deadline (rerun the same command to resume): flipflop_abs_smoke" in (
         result.stdout
     )
+
+
+OOM = (
+    "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 8.96GiB with allocator "
+    "GPU_0_bfc on device 0. [tf-allocator-allocation-error=''] [executable_name='jit_step_fn']"
+)
+
+
+def test_out_of_device_memory_is_one_line_keeping_the_checkpoints(tmp_path, capsys, monkeypatch):
+    import jax
+
+    (tmp_path / "checkpoints" / "256").mkdir(parents=True)
+
+    def out_of_memory(*args, **kwargs):
+        raise jax.errors.JaxRuntimeError(OOM)
+
+    monkeypatch.setattr(train, "train_and_evaluate", out_of_memory)
+    argv = ["--config", "configs/flipflop.py:cope,smoke", "--workdir", str(tmp_path)]
+    assert train.main(argv) == train.OUT_OF_MEMORY_EXIT
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("error: out of device memory (Out of memory while trying to "
+                             "allocate 8.96GiB with allocator GPU_0_bfc on device 0.)")  # fmt: skip
+    assert "checkpoint at step 256 kept" in err[0] and "[" not in err[0]
+
+    def other_runtime_error(*args, **kwargs):
+        raise jax.errors.JaxRuntimeError("INTERNAL: something else")
+
+    monkeypatch.setattr(train, "train_and_evaluate", other_runtime_error)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="something else"):
+        train.main(argv)
+
+
+def test_sweep_reports_why_a_run_failed(tmp_path):
+    from experiments import sweep
+
+    name = "flipflop_abs_smoke"
+    train.train_and_evaluate(smoke("flipflop", "abs", **{"train.steps": 2}), tmp_path / name,
+                             progress=False)  # fmt: skip
+    log = tmp_path / name / "log.txt"
+    log.write_text(f"resuming {tmp_path / name} from step 2\nTraceback (most recent call last):\n"
+                   f"  File \"x.py\", line 1\njax.errors.JaxRuntimeError: {OOM}\n")  # fmt: skip
+    assert sweep.failure(tmp_path / name).startswith("jax.errors.JaxRuntimeError: RESOURCE_EXH")
+    rows, table = sweep.summarize(tmp_path, [name], {name: 10})
+    assert rows[0]["unfinished"] and "RESOURCE_EXHAUSTED" in rows[0]["failed"]
+    assert "**failed (jax.errors.JaxRuntimeError" in table and "trained 2 of 10" in table
+    log.write_text(log.read_text() + f"resuming {tmp_path / name} from step 2\n")
+    assert sweep.failure(tmp_path / name) is None  # a later attempt is running
+    log.write_text(log.read_text() + "error: out of device memory (x); checkpoint kept. Rerun\n")
+    assert sweep.failure(tmp_path / name) == "out of device memory (x); checkpoint kept. Rerun"
+    log.write_text(log.read_text() + "stopped by SIGTERM after step 2; the checkpoint is saved\n")
+    assert sweep.failure(tmp_path / name) is None
