@@ -13,7 +13,10 @@ after a few steps (`--float32` leaves the reduction order only). The table gives
 per-step difference and tokens/s with the scaling efficiency
 tokens/s(N) / (N x tokens/s(1)). `--weak` adds a run with an N-times larger global batch (the
 per-device batch of the one-device run), whose throughput shows scaling when each device keeps
-its load. On CPU, `XLA_FLAGS=--xla_force_host_platform_device_count=4` gives 4 devices.
+its load. `--repeat` trains the one-device run twice: the difference between the two is the
+floor that no parallel setup can beat (zero when the device computes deterministically;
+`--deterministic` asks XLA for deterministic GPU kernels, e.g. sorted scatter-adds instead of
+atomics). On CPU, `XLA_FLAGS=--xla_force_host_platform_device_count=4` gives 4 devices.
 Writes `<out>.json`, `<out>.md` and `<out>.png`.
 """
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -59,7 +63,10 @@ def run_setups(args: argparse.Namespace) -> dict:
     batch = base.train.batch_size
     if batch % n:
         raise ValueError(f"train.batch_size={batch} is not divisible by the {n} devices")
-    setups = [("1 device", devices[:1], False, batch), (f"{n} devices", devices, False, batch)]
+    setups = [("1 device", devices[:1], False, batch)]
+    if args.repeat:
+        setups.append(("1 device, again", devices[:1], False, batch))
+    setups.append((f"{n} devices", devices, False, batch))
     if not args.no_fsdp:
         setups.append((f"{n} devices, FSDP", devices, True, batch))
     if args.weak:
@@ -108,6 +115,7 @@ def run_setups(args: argparse.Namespace) -> dict:
         "config": args.config,
         "overrides": args.override,
         "matmul_precision": str(jax.config.jax_default_matmul_precision),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "steps": steps,
         "device": devices[0].device_kind,
         "num_devices": n,
@@ -194,11 +202,27 @@ def main(argv: list[str] | None = None) -> int:
         "jax_default_matmul_precision=highest): differences are then reduction order only",
     )
     parser.add_argument("--weak", action="store_true", help="add an N-times-larger-batch run")
+    parser.add_argument(
+        "--repeat",
+        action="store_true",
+        help="train the one-device run twice: their difference is the noise floor",
+    )
+    parser.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="XLA_FLAGS+=--xla_gpu_deterministic_ops=true (must precede jax's backend start)",
+    )
     parser.add_argument("--workdir", default="", help="fresh root for the runs (default: tmp)")
     parser.add_argument("--out", required=True, help="output prefix for .json/.md/.png")
     args = parser.parse_args(argv)
     if args.steps < 2 * args.log_every:
         parser.error("--steps must be at least twice --log-every (the first interval compiles)")
+    if args.deterministic:
+        # XLA reads XLA_FLAGS once, when the backend starts (jax has no public query for it).
+        if jax._src.xla_bridge.backends_are_initialized():
+            parser.error("--deterministic must be set before jax starts its backend")
+        flags = os.environ.get("XLA_FLAGS", "")
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_gpu_deterministic_ops=true".strip()
     if args.float32:
         args.override = [*args.override, "model.dtype=float32"]
         jax.config.update("jax_default_matmul_precision", "highest")

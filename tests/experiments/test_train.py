@@ -327,12 +327,16 @@ def test_multi_gpu_script_matches_one_device(tmp_path):
         from experiments import multi_gpu
         out = "{tmp_path}/report"
         assert multi_gpu.main(["--config", "configs/flipflop.py:cope,smoke", "--steps", "8",
-                               "--log-every", "4", "--weak", "--out", out,
+                               "--log-every", "4", "--weak", "--repeat", "--deterministic",
+                               "--out", out,
                                "--workdir", "{tmp_path}/runs",
                                "--override", "model.dropout=0.0"]) == 0
         report = json.load(open(out + ".json"))
         rows = {{row["setup"]: row for row in report["rows"]}}
-        assert set(rows) == {{"1 device", "4 devices", "4 devices, FSDP", "4 devices, batch x4"}}
+        assert set(rows) == {{"1 device", "1 device, again", "4 devices", "4 devices, FSDP",
+                              "4 devices, batch x4"}}
+        assert rows["1 device, again"]["max_abs_loss_diff"] == 0.0  # CPU is deterministic
+        assert "--xla_gpu_deterministic_ops=true" in report["xla_flags"]
         for name in ("4 devices", "4 devices, FSDP"):
             assert len(rows[name]["losses"]) == 8
             assert rows[name]["max_rel_loss_diff"] < 1e-5, rows[name]["max_rel_loss_diff"]
@@ -342,6 +346,12 @@ def test_multi_gpu_script_matches_one_device(tmp_path):
         assert multi_gpu.main(["--config", "configs/flipflop.py:cope,smoke", "--steps", "8",
                                "--log-every", "4", "--out", out,
                                "--workdir", "{tmp_path}/runs"]) == 2
+        try:  # too late: the backend already runs without the flag
+            multi_gpu.main(["--config", "configs/flipflop.py:cope,smoke", "--deterministic",
+                            "--out", out])
+            raise AssertionError("--deterministic after the backend started was accepted")
+        except SystemExit as exit:
+            assert exit.code == 2
         print("ok")
     """,
         {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"},
