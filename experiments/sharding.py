@@ -13,11 +13,25 @@ from jax.sharding import PartitionSpec as P
 def maybe_initialize_distributed() -> None:
     """Calls `jax.distributed.initialize()` when launched as several processes.
 
-    Multi-process launches are recognised by JAX's coordinator variables (set by the launcher,
-    or by SLURM/Open MPI, which jax detects itself when `JAX_DISTRIBUTED=1`).
+    A launcher sets `JAX_COORDINATOR_ADDRESS` (host:port of process 0) with `JAX_NUM_PROCESSES`
+    and `JAX_PROCESS_ID`; under SLURM or Open MPI, `JAX_DISTRIBUTED=1` lets jax read all three
+    from the cluster's own variables. Every process then runs the same command.
     """
-    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("JAX_DISTRIBUTED") == "1":
-        jax.distributed.initialize()
+    address = os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if not address and os.environ.get("JAX_DISTRIBUTED") != "1":
+        return
+    num, pid = os.environ.get("JAX_NUM_PROCESSES"), os.environ.get("JAX_PROCESS_ID")
+    if address and (num is None) != (pid is None):
+        raise ValueError("set both JAX_NUM_PROCESSES and JAX_PROCESS_ID (or neither, under SLURM)")
+    try:
+        jax.distributed.initialize(address, int(num) if num else None, int(pid) if pid else None)
+    except (ValueError, RuntimeError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"jax.distributed.initialize failed ({first}); a multi-process launch needs "
+            "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, or JAX_DISTRIBUTED=1 "
+            "under SLURM/Open MPI"
+        ) from error
 
 
 def make_mesh(devices: list | None = None) -> Mesh:

@@ -27,6 +27,8 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from cope.model import ModelConfig, Transformer
@@ -214,7 +216,13 @@ def make_eval_step(ts: TrainState):
         total, count = masked_cross_entropy(logits, batch["targets"], batch["loss_mask"])
         return jnp.argmax(logits, axis=-1).astype(jnp.int32), total, count
 
-    step = jax.jit(eval_fn, in_shardings=(ts.shardings, None, batch_sharding))
+    # Predictions come back replicated: in a multi-process run each process reads all rows.
+    replicated = NamedSharding(ts.mesh, P())
+    step = jax.jit(
+        eval_fn,
+        in_shardings=(ts.shardings, None, batch_sharding),
+        out_shardings=(replicated, replicated, replicated),
+    )
     return lambda state, batch: step(state, ts.rng_state, batch)
 
 
@@ -253,6 +261,9 @@ class MetricsLog:
 
     def __init__(self, workdir: Path, resume_step: int):
         self.path = workdir / "metrics.jsonl"
+        self.file = self.writer = None
+        if jax.process_index() != 0:  # process 0 writes the run directory's logs
+            return
         if self.path.exists():  # drop records past the checkpoint we resume from
             kept = [
                 line
@@ -263,11 +274,9 @@ class MetricsLog:
             partial.write_text("".join(line + "\n" for line in kept))
             os.replace(partial, self.path)
         self.file = self.path.open("a")
-        self.writer = None
-        if jax.process_index() == 0:
-            from tensorboardX import SummaryWriter
+        from tensorboardX import SummaryWriter
 
-            self.writer = SummaryWriter(str(workdir / "tensorboard"), purge_step=resume_step + 1)
+        self.writer = SummaryWriter(str(workdir / "tensorboard"), purge_step=resume_step + 1)
 
     def write(self, step: int, record: dict[str, Any]) -> None:
         if jax.process_index() != 0:
@@ -288,7 +297,8 @@ class MetricsLog:
         ]
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         if self.writer is not None:
             self.writer.close()
 
@@ -324,7 +334,8 @@ def check_run_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
                 f"{workdir} holds a run with a different config ({', '.join(sorted(differ)[:5])}"
                 "); use a new --workdir or the same config to resume"
             )
-    path.write_text(json.dumps(current, indent=2))
+    if jax.process_index() == 0:
+        path.write_text(json.dumps(current, indent=2))
 
 
 def interval_steps(every: int, total: int) -> set[int]:

@@ -18,6 +18,11 @@ TRAIN_STREAM = 1
 EVAL_STREAM = 2
 
 
+class DataUnavailable(ValueError):
+    """A task's data (local files or the Hugging Face hub) could not be read; the message says
+    what to fix. A ValueError, so the CLIs print it as one line."""
+
+
 def check_int(name: str, value: Any, *, minimum: int) -> int:
     """Returns `value` as an int, or raises a one-line ValueError naming the option."""
     if isinstance(value, bool) or not isinstance(value, int | np.integer):

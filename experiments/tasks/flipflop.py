@@ -6,6 +6,7 @@ import numpy as np
 
 from experiments.tasks.base import (
     Batch,
+    DataUnavailable,
     FixedTask,
     Task,
     check_choice,
@@ -123,13 +124,13 @@ class FlipFlopHub(FixedTask):
             self._data = datasets.load_dataset(HUB_NAME)
         except Exception as e:  # noqa: BLE001 - any failure means the same thing to the user
             reason = (str(e).strip().splitlines() or [""])[0][:200]
-            raise RuntimeError(
+            raise DataUnavailable(
                 f"flipflop source='hub' could not load {HUB_NAME} from the Hugging Face hub "
                 f"({type(e).__name__}: {reason}); use source='local' (the default) offline"
             ) from None
         missing = [s for s in self.splits if s not in self._data]
         if missing:
-            raise RuntimeError(f"{HUB_NAME} lacks splits {missing}; found {list(self._data)}")
+            raise DataUnavailable(f"{HUB_NAME} lacks splits {missing}; found {list(self._data)}")
         self._column = next(
             (c for c in ("text", "sequence", "seq") if c in self._data["train"].column_names),
             self._data["train"].column_names[0],
@@ -153,10 +154,15 @@ class FlipFlopHub(FixedTask):
 
 
 def make_flipflop(*, source: str = "local", **options) -> Task:
-    """FFL(p); `source="hub"` loads synthseq/flipflop (no other options), "local" generates."""
+    """FFL(p); `source="hub"` loads synthseq/flipflop (fixed 256-pair sequences, so no other
+    option but `num_pairs=256`), "local" generates."""
     check_choice("source", source, SOURCES)
     if source == "hub":
+        if options.get("num_pairs", 256) == 256:
+            options.pop("num_pairs", None)
         if options:
-            raise ValueError(f"flipflop source='hub' takes no options, got {sorted(options)}")
+            raise ValueError(
+                f"flipflop source='hub' (256-pair sequences) takes no options, got {options}"
+            )
         return FlipFlopHub()
     return FlipFlop(**options)

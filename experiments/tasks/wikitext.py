@@ -14,7 +14,14 @@ from typing import Any
 
 import numpy as np
 
-from experiments.tasks.base import Batch, Task, check_choice, check_int, mask_rows
+from experiments.tasks.base import (
+    Batch,
+    DataUnavailable,
+    Task,
+    check_choice,
+    check_int,
+    mask_rows,
+)
 
 SPLITS = ("train", "valid", "test")
 DATASETS = ("wikitext-2", "wikitext-103")
@@ -29,10 +36,6 @@ DATA_DIR_ENV = "COPE_WIKITEXT_DIR"
 CACHE_DIR_ENV = "COPE_CACHE_DIR"
 # <repo>/../shared/data/wikitext: where CI and the team machines keep the offline copy.
 SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "wikitext"
-
-
-class DataUnavailable(ValueError):
-    """The WikiText files or the hub could not be read; the message says what to fix."""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -229,7 +229,7 @@ def test_flipflop_hub_offline_fails_with_one_line(tmp_path):
         "from experiments.tasks import make_task\n"
         "try:\n"
         "    make_task('flipflop', source='hub')\n"
-        "except RuntimeError as e:\n"
+        "except ValueError as e:  # DataUnavailable\n"
         "    print('ERROR:' + str(e))\n"
     )
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -445,3 +445,18 @@ def test_generated_batches_are_fast(name):
         task.train_batch(0, step, 64)
         times.append(time.perf_counter() - start)
     assert min(times) < 0.1, times
+
+
+def test_flipflop_config_reaches_the_hub_source(monkeypatch):
+    """`configs/flipflop.py:<variant>,source=hub` builds the hub task (256-pair sequences)."""
+    from experiments import train
+    from experiments.configlib import load_config
+    from experiments.tasks import flipflop
+
+    built = []
+    monkeypatch.setattr(flipflop, "FlipFlopHub", lambda: built.append("hub") or "hub task")
+    config = load_config("configs/flipflop.py:cope,source=hub")
+    assert config.task.options.source == "hub" and train.build_task(config) == "hub task"
+    assert built == ["hub"]
+    with pytest.raises(ValueError, match="256-pair sequences.*takes no options.*num_pairs"):
+        train.build_task(load_config("configs/flipflop.py:cope,smoke,source=hub"))

@@ -493,3 +493,56 @@ def test_sweep_reports_why_a_run_failed(tmp_path):
     assert sweep.failure(tmp_path / name) == "out of device memory (x); checkpoint kept. Rerun"
     log.write_text(log.read_text() + "stopped by SIGTERM after step 2; the checkpoint is saved\n")
     assert sweep.failure(tmp_path / name) is None
+
+
+def test_two_processes_match_one_process_and_resume(tmp_path):
+    """jax.distributed on CPU: 2 processes x 2 devices train, evaluate, checkpoint and resume
+    like 1 process x 4 devices; only process 0 writes the run directory's files."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    args = ["-m", "experiments.train", "--config", "configs/flipflop.py:cope,smoke",
+            "--no-progress", "--config.train.eval_every=3",
+            "--config.train.checkpoint_every=3"]  # fmt: skip
+    base = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+
+    def launch(workdir, steps, processes):
+        devices = 4 // processes
+        env = dict(base, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+        procs = []
+        for pid in range(processes):
+            if processes > 1:
+                env = dict(env, JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+                           JAX_NUM_PROCESSES=str(processes), JAX_PROCESS_ID=str(pid))  # fmt: skip
+            command = [sys.executable, *args, "--workdir", str(workdir),
+                       f"--config.train.steps={steps}"]  # fmt: skip
+            procs.append(subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True))  # fmt: skip
+        outs = [p.communicate(timeout=600) for p in procs]
+        assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+        return outs
+
+    launch(tmp_path / "one", 6, 1)
+    launch(tmp_path / "two", 6, 2)
+    one = json.loads((tmp_path / "one" / "results.json").read_text())
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert one["final"] == two["final"] and two["num_devices"] == 4
+    losses = [np.concatenate([r["train"]["step_losses"] for r in train_records(tmp_path / d)])
+              for d in ("one", "two")]  # fmt: skip
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+    outs = launch(tmp_path / "two", 8, 2)  # resumes from the step-6 checkpoint
+    assert "resuming" in outs[0][1] and "resuming" in outs[1][1]
+    steps = [r["step"] for r in train_records(tmp_path / "two")]
+    assert steps == sorted(set(steps)) and steps[-1] == 8  # one writer, no duplicated records
+
+
+def test_half_specified_multi_process_launch_is_one_error(monkeypatch):
+    from experiments import sharding
+
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "localhost:1")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    monkeypatch.delenv("JAX_PROCESS_ID", raising=False)
+    with pytest.raises(ValueError, match="set both JAX_NUM_PROCESSES and JAX_PROCESS_ID"):
+        sharding.maybe_initialize_distributed()
