@@ -88,6 +88,21 @@ def stop_on_sigterm():
 # ---------------------------------------------------------------------------------------------
 
 
+def check_sizes(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Step and batch fields, checked before anything is built or written: one ValueError
+    naming the field. Batches are split over the devices, so they must divide evenly."""
+    for field in ("train.steps", "train.batch_size", "eval.batch_size"):
+        section, name = field.split(".")
+        value = config[section][name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"config field {field} must be an integer >= 1, got {value!r}")
+        if name == "batch_size" and value % num_devices:
+            raise ValueError(
+                f"config field {field}={value} is not divisible by the {num_devices} devices "
+                "it is split over (data parallel)"
+            )
+
+
 def build_task(config: ml_collections.ConfigDict) -> Task:
     return make_task(config.task.name, **config.task.options.to_dict())
 
@@ -375,6 +390,7 @@ def _train_and_evaluate(
     progress: bool,
     stop_requested: list[int],
 ) -> dict[str, Any]:
+    check_sizes(config, len(devices) if devices else jax.device_count())
     workdir.mkdir(parents=True, exist_ok=True)
     check_run_config(workdir, config)
     task = build_task(config)

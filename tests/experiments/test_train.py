@@ -546,3 +546,22 @@ def test_half_specified_multi_process_launch_is_one_error(monkeypatch):
     monkeypatch.delenv("JAX_PROCESS_ID", raising=False)
     with pytest.raises(ValueError, match="set both JAX_NUM_PROCESSES and JAX_PROCESS_ID"):
         sharding.maybe_initialize_distributed()
+
+
+@pytest.mark.parametrize(
+    "override, devices, message",
+    [
+        ("train.batch_size=0", 1, "config field train.batch_size must be an integer >= 1, got 0"),
+        ("eval.batch_size=-2", 1, "config field eval.batch_size must be an integer >= 1, got -2"),
+        ("train.steps=0", 1, "config field train.steps must be an integer >= 1, got 0"),
+        ("train.batch_size=6", 4, "train.batch_size=6 is not divisible by the 4 devices"),
+    ],
+)
+def test_bad_sizes_are_one_error_before_anything_is_written(tmp_path, override, devices, message):
+    config = smoke("flipflop", **dict([override.split("=")]))
+    with pytest.raises(ValueError, match=message):
+        train.check_sizes(config, devices)
+    if devices == 1:
+        with pytest.raises(ValueError, match=message):
+            train.train_and_evaluate(config, tmp_path / "run", progress=False)
+        assert not (tmp_path / "run").exists()
