@@ -50,4 +50,18 @@ def test_bench_train_reports_mfu_with_options(tmp_path):
         expected = per_token * r["tokens_per_s"] / 1e12
         np.testing.assert_allclose(r["model_tflops"], expected, rtol=1e-9)
         np.testing.assert_allclose(r["mfu"], r["model_tflops"] / bench_train.H100_BF16_TFLOPS)
+        # Counting pads its programs to seq_len: the real-token rate counts the timed batch's
+        # non-padding inputs (batch 1 at step `warmup`), so it is below the padded rate.
+        from experiments.configlib import load_config
+        from experiments.train import build_task
+
+        config = load_config(r["config"])
+        task = build_task(config)
+        inputs = task.train_batch(config.train.seed, 1, r["batch"])["inputs"]
+        assert r["real_tokens_per_batch"] == (inputs != task.pad_id).sum()
+        assert r["real_tokens_per_batch"] < r["batch"] * r["seq_len"]
+        np.testing.assert_allclose(
+            r["real_tokens_per_s"] / r["tokens_per_s"],
+            r["real_tokens_per_batch"] / (r["batch"] * r["seq_len"]),
+        )
     assert "MFU" in out.with_suffix(".md").read_text()
