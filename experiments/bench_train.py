@@ -156,7 +156,8 @@ def main(argv: list[str] | None = None) -> None:
         speedup = f"{r['speedup_vs_official']:.1f}×" if official else "n/a"
         line = (
             f"| {variant} | {r['ms_per_batch']:.2f} | {r['tokens_per_s']:,.0f} | "
-            f"{r['real_tokens_per_s']:,.0f} | {r['model_tflops']:.0f} | {100 * r['mfu']:.1f}% | {official or 'n/a'} | {speedup} |"
+            f"{r['real_tokens_per_s']:,.0f} | {r['model_tflops']:.0f} | {100 * r['mfu']:.1f}% | "
+            f"{official or 'n/a'} | {speedup} |"
         )
         lines.append(line)
         print(line, flush=True)
