@@ -219,7 +219,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-png", action="store_true", help="skip the matplotlib figure")
     args = parser.parse_args(argv)
     try:
-        factors = [float(f) for f in args.lengths.split(",") if f]
+        try:
+            factors = [float(f) for f in args.lengths.split(",") if f.strip()]
+        except ValueError:
+            raise ValueError(
+                f"--lengths must be comma-separated numbers (multiples of T), got {args.lengths!r}"
+            ) from None
+        if not factors or min(factors) <= 0:
+            raise ValueError(f"--lengths must be positive multiples of T, got {args.lengths!r}")
         runs = []
         for workdir in args.workdir:
             run = extrapolate_run(

@@ -526,14 +526,21 @@ def _train_and_evaluate(
 
 def format_results(results: dict[str, Any]) -> str:
     """A short table: error per split (token and sequence level, in percent), loss, perplexity."""
+    # Language modelling scores every token of a window, so a window is never all right and
+    # sequence error says nothing there: the table then shows token error, loss and perplexity.
+    lm = results["task"] == "wikitext"
     lines = [
-        f"{results['task']} / {results['encoding']}: final errors (%)",
-        f"{'split':>12} {'token':>8} {'sequence':>9} {'loss':>8} {'ppl':>9}",
+        f"{results['task']} / {results['encoding']}: final "
+        + ("token error (%), loss, perplexity" if lm else "errors (%)"),
+        f"{'split':>12} {'token':>8} "
+        + ("" if lm else f"{'sequence':>9} ")
+        + f"{'loss':>8} {'ppl':>9}",
     ]
     for split, m in results["final"].items():
         marker = "  (in-distribution)" if split == results["in_distribution_split"] else ""
+        sequence = "" if lm else f"{100 * m['sequence_error']:9.2f} "
         lines.append(
-            f"{split:>12} {100 * m['token_error']:8.2f} {100 * m['sequence_error']:9.2f} "
+            f"{split:>12} {100 * m['token_error']:8.2f} {sequence}"
             f"{m['loss']:8.4f} {m.get('perplexity', math.exp(min(m['loss'], 700))):9.3f}{marker}"
         )
     if results.get("tokens_per_s"):

@@ -329,3 +329,12 @@ def test_local_lines_without_datasets_equal_the_datasets_text_builder(tmp_path, 
     without = wikitext.load_lines("local", "wikitext-2", str(tmp_path), "word")
     assert without == with_datasets
     assert len(without["train"]) == 6
+
+
+@pytest.mark.parametrize("lengths", ["1.0,abc", "0,1", ","])
+def test_extrapolate_bad_lengths_is_one_error_naming_the_flag(tmp_path, capsys, lengths):
+    from experiments import extrapolate
+
+    assert extrapolate.main(["--workdir", str(tmp_path), "--lengths", lengths]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --lengths must be") and lengths in err[0]
