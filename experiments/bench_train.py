@@ -64,25 +64,32 @@ def time_variant(
     batch_sharding = sharding.batch_sharding(ts.mesh)
     bs, seed = config.train.batch_size, config.train.seed
 
-    real_tokens: list[int] = []  # non-padding input tokens of every timed batch
-
     def run(first: int, count: int) -> float:
         start = time.perf_counter()
         loss = None
         for i in range(first, first + count):
-            host = task.train_batch(seed, i, bs)
-            if task.pad_id is not None:
-                real_tokens.append(int((host["inputs"] != task.pad_id).sum()))
-            batch = sharding.global_batch(host, batch_sharding)
+            batch = sharding.global_batch(task.train_batch(seed, i, bs), batch_sharding)
             ts.state, loss = step_fn(ts.state, batch, np.int32(i))
         jax.block_until_ready(loss)
         return time.perf_counter() - start
 
     run(0, warmup)
-    real_tokens.clear()
     elapsed = run(warmup, steps)
     tokens = bs * task.seq_len(task.train_split)
-    real = float(np.mean(real_tokens)) if real_tokens else float(tokens)
+    # Non-padding input tokens of the timed batches (a pure function of seed and step), counted
+    # outside the timed window.
+    real = (
+        float(
+            np.mean(
+                [
+                    (task.train_batch(seed, i, bs)["inputs"] != task.pad_id).sum()
+                    for i in range(warmup, warmup + steps)
+                ]
+            )
+        )  # fmt: skip
+        if task.pad_id is not None
+        else float(tokens)
+    )
     ms = 1e3 * elapsed / steps
     num_params = sum(x.size for x in jax.tree.leaves(nnx.state(ts.model(), nnx.Param)))
     flop_params = matmul_params(train.build_model_config(config, task))

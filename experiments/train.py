@@ -294,7 +294,7 @@ class MetricsLog:
         self.writer = SummaryWriter(str(workdir / "tensorboard"), purge_step=resume_step + 1)
 
     def write(self, step: int, record: dict[str, Any]) -> None:
-        if jax.process_index() != 0:
+        if self.file is None:  # not process 0
             return
         self.file.write(json.dumps({"step": step, **record}) + "\n")
         self.file.flush()
