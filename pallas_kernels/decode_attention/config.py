@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
+from pallas_kernels import _device
 
 H100_SM_COUNT = 132
 
@@ -36,11 +36,8 @@ class DecodeConfig:
 
 
 def sm_count() -> int:
-    """Streaming multiprocessors of the default device (132, an H100's, when unknown)."""
-    device = jax.devices()[0]
-    if device.platform != "gpu":
-        return H100_SM_COUNT
-    return int(getattr(device, "core_count", H100_SM_COUNT) or H100_SM_COUNT)
+    """Streaming multiprocessors of the target device (132, an H100's, when unknown)."""
+    return _device.core_count(H100_SM_COUNT) if _device.is_gpu() else H100_SM_COUNT
 
 
 def heuristic_config(

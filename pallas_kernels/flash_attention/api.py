@@ -9,6 +9,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import _device
 from pallas_kernels._interpret import resolve_interpret
 from pallas_kernels.flash_attention import pallas_triton
 from pallas_kernels.flash_attention.config import (
@@ -145,7 +146,7 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 def _mosaic_supported(q, k, interpret: bool) -> bool:
     if interpret or q.dtype not in (jnp.bfloat16, jnp.float16) or q.shape[3] not in (64, 128):
         return False
-    return "H100" in jax.devices()[0].device_kind or "H200" in jax.devices()[0].device_kind
+    return _device.is_hopper()
 
 
 def _plan(q, k, v, *, causal, lengths, scale, interpret, tuning) -> tuple[jax.Array, _Problem]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
+from pallas_kernels import _device
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,10 +109,6 @@ MOSAIC_TABLE: dict[tuple[str, int, bool], MosaicConfig] = {
 }
 
 
-def _device_kind() -> str:
-    return jax.devices()[0].device_kind
-
-
 def heuristic_config(head_dim: int, q_len: int, kv_len: int, *, interpret: bool) -> TritonConfig:
     """The Triton config for a shape: the tuned table entry for this device, else a default.
 
@@ -121,7 +117,7 @@ def heuristic_config(head_dim: int, q_len: int, kv_len: int, *, interpret: bool)
     if interpret:
         return TritonConfig(32, 32, 4, 1, 32, 32, 32, 32, 4, 1).clipped(q_len, kv_len)
     padded = max(64, 1 << max(head_dim - 1, 0).bit_length())
-    config = TRITON_TABLE.get((_device_kind(), padded))
+    config = TRITON_TABLE.get((_device.device_kind(), padded))
     if config is None:
         config = TritonConfig(
             block_q=128 if padded <= 128 else 64,
@@ -134,4 +130,4 @@ def heuristic_config(head_dim: int, q_len: int, kv_len: int, *, interpret: bool)
 
 def heuristic_mosaic_config(head_dim: int, kv_len: int) -> MosaicConfig:
     """The Mosaic-GPU config for a shape from the tuned table, else a safe default."""
-    return MOSAIC_TABLE.get((_device_kind(), head_dim, kv_len >= 1024), MosaicConfig())
+    return MOSAIC_TABLE.get((_device.device_kind(), head_dim, kv_len >= 1024), MosaicConfig())
