@@ -64,12 +64,16 @@ def _grad(fn, argnums):
     return jax.grad(loss, argnums=argnums)
 
 
-def _module(name: str, *, needs: str | None = None):
-    """Imports `name`, skipping only while its folder (or the file `needs`) does not exist."""
-    for required in (name, needs):
+def _kernel(module: str, function: str, *, needs: str | None = None):
+    """`module.function`, skipped only while the module (or its file `needs`) does not exist
+    or does not export the function yet; an import error fails."""
+    for required in (module, needs):
         if required is not None and importlib.util.find_spec(required) is None:
             pytest.skip(f"{required} does not exist yet")
-    return importlib.import_module(name)
+    fn = getattr(importlib.import_module(module), function, None)
+    if fn is None:
+        pytest.skip(f"{module} does not export {function} yet")
+    return fn
 
 
 def test_target_device_is_the_abstract_device():
@@ -161,10 +165,11 @@ COPE_CASES = {
 
 def _cope_call(case: str):
     """(fn(q, k, v, pos_emb, [lengths], [gate_k]), its abstract args, whether gate_k is one)."""
-    cope = _module("pallas_kernels.cope_attention")
+    cope_attention = _kernel("pallas_kernels.cope_attention", "cope_attention")
+    why_unsupported = _kernel("pallas_kernels.cope_attention", "why_unsupported")
     q_shape, k_shape, npos, ragged, sep_gates = COPE_CASES[case]
     q, k, pos_emb = S(q_shape, BF16), S(k_shape, BF16), S((npos, q_shape[3]), jnp.float32)
-    reason = cope.why_unsupported(q, k, k, pos_emb, gate_k=k if sep_gates else None)
+    reason = why_unsupported(q, k, k, pos_emb, gate_k=k if sep_gates else None)
     assert reason is None, reason
     args = [q, k, k, pos_emb]
     if ragged:
@@ -176,7 +181,7 @@ def _cope_call(case: str):
         rest = list(rest)
         lengths = rest.pop(0) if ragged else None
         gate_k = rest.pop(0) if sep_gates else None
-        return cope.cope_attention(q, k, v, pos_emb, lengths=lengths, gate_k=gate_k, interpret=None)
+        return cope_attention(q, k, v, pos_emb, lengths=lengths, gate_k=gate_k, interpret=None)
 
     return fn, args, sep_gates
 
@@ -206,9 +211,8 @@ def test_cope_attention_forward(device_kind, case):
 @pytest.mark.parametrize("case", COPE_CASES)
 @pytest.mark.parametrize("device_kind", DEVICES)
 def test_cope_attention_forward_backward(device_kind, case):
-    _module(
-        "pallas_kernels.cope_attention", needs="pallas_kernels.cope_attention.pallas_triton_bwd"
-    )
+    bwd = "pallas_kernels.cope_attention.pallas_triton_bwd"
+    _kernel("pallas_kernels.cope_attention", "cope_attention", needs=bwd)
     fn, args, sep_gates = _cope_call(case)
     wrt = (0, 1, 2, 3, len(args) - 1) if sep_gates else (0, 1, 2, 3)
     calls = _lower_cope(_grad(fn, wrt), args, case, device_kind)
@@ -218,14 +222,12 @@ def test_cope_attention_forward_backward(device_kind, case):
 @pytest.mark.parametrize("softmax", ("online", "unified_max"))
 @pytest.mark.parametrize("device_kind", DEVICES)
 def test_cope_decode_attention(device_kind, softmax):
-    cope_decode = _module("pallas_kernels.cope_decode_attention")
+    cope_decode_attention = _kernel("pallas_kernels.cope_decode_attention", "cope_decode_attention")
     q, cache = S((2, 8, 64), BF16), S((2, 1000, 2, 64), BF16)
     pos_emb, lengths = S((64, 64), jnp.float32), S((2,), jnp.int32)
 
     def fn(q, k, v, pos_emb, n):
-        return cope_decode.cope_decode_attention(
-            q, k, v, pos_emb, n, softmax=softmax, interpret=None
-        )
+        return cope_decode_attention(q, k, v, pos_emb, n, softmax=softmax, interpret=None)
 
     calls = _lower(fn, q, cache, cache, pos_emb, lengths, device_kind=device_kind)
     assert calls.get(TRITON, 0) >= 1, calls
