@@ -1,23 +1,30 @@
-"""Kernel microbenchmarks: `python -m experiments.bench_kernels {attention,decode,generate}`."""
+"""Kernel microbenchmarks: `python -m experiments.bench_kernels {attention,cope,decode,generate}`.
+
+Results go to runs/bench/bench_<bench>_<device>[_quick].{json,md,png} unless --out names a
+prefix; committed results in experiments/results/ change only when --out names them.
+"""
 
 import argparse
 import importlib
 
 BENCHES = {
     "attention": "experiments.bench.attention",
+    "cope": "experiments.bench.cope",
     "decode": "experiments.bench.decode",
     "generate": "experiments.bench.generate",
 }
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("bench", choices=sorted(BENCHES))
     parser.add_argument(
         "--out",
         default=None,
-        help="output prefix for .json/.md/.png (default: experiments/results/"
-        "bench_<bench>_<device>)",
+        help="output prefix for .json/.md/.png (default: runs/bench/bench_<bench>_<device>"
+        "[_quick], never experiments/results/ unless named here)",
     )
     parser.add_argument("--iters", type=int, default=20, help="timed runs per measurement")
     parser.add_argument("--quick", action="store_true", help="small shapes, for a CPU smoke run")

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.bench.common import Record, device_name, write_outputs
+from experiments.bench.common import Record, default_out, device_name, write_outputs
 from pallas_kernels.flash_attention import flash_attention
 from pallas_kernels.flash_attention.shapes import BENCH, BENCH_QUICK, AttentionShape
 
@@ -235,8 +235,7 @@ def run(out: str | None = None, iters: int = 20, quick: bool = False) -> list[Re
         if r.impl.startswith("jax mgpu fp16"):
             r.impl = "jax mgpu fp16"
     if out is None:
-        tag = "cpu" if interpret else device.lower().replace("nvidia ", "").split()[0]
-        out = f"experiments/results/bench_attention_{tag}"
+        out = default_out("attention", quick)
     write_outputs(
         records,
         out,

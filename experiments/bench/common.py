@@ -34,8 +34,25 @@ class Record:
         return {k: v for k, v in d.items() if v is not None or k in ("ms",)}
 
 
+# Benchmarks write here unless told otherwise; committed results in experiments/results/ are
+# only ever replaced by naming them with --out.
+RUNS_DIR = Path("runs/bench")
+
+
 def device_name() -> str:
     return jax.devices()[0].device_kind
+
+
+def device_tag() -> str:
+    """The device part of output names: "cpu", or the GPU model in lower case ("h100")."""
+    if jax.default_backend() != "gpu":
+        return "cpu"
+    return device_name().lower().replace("nvidia ", "").split()[0]
+
+
+def default_out(bench: str, quick: bool = False) -> Path:
+    """`runs/bench/bench_<bench>_<device>[_quick]`, the output prefix when none is named."""
+    return RUNS_DIR / f"bench_{bench}_{device_tag()}{'_quick' if quick else ''}"
 
 
 def time_pipelined(fn: Callable, *args, iters: int = 20, reps: int = 5) -> float:

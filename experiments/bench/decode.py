@@ -18,7 +18,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.bench.common import Record, device_name, time_pipelined, write_outputs
+from experiments.bench.common import (
+    Record,
+    default_out,
+    device_name,
+    time_pipelined,
+    write_outputs,
+)
 from pallas_kernels.decode_attention import (
     DecodeConfig,
     decode_attention,
@@ -275,8 +281,7 @@ def run(out: str | None = None, iters: int = 20, quick: bool = False) -> list[Re
         else:
             records.extend(shape_records)
     if out is None:
-        tag = "cpu" if jax.default_backend() != "gpu" else "h100"
-        out = f"experiments/results/bench_decode_{tag}{'_quick' if quick else ''}"
+        out = default_out("decode", quick)
     write_outputs(
         records,
         out,

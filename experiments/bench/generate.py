@@ -20,6 +20,7 @@ from flax import nnx
 
 from cope.model import GPT2_SMALL, ModelConfig, Transformer
 from decoding import calibrate, generate, generate_uncached, greedy
+from experiments.bench.common import default_out
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
@@ -207,8 +208,7 @@ def run(out: str | None = None, iters: int = 20, quick: bool = False) -> list[Ge
     phi = calibrate(models["xla"], calib)
     print(f"phi per layer: {np.round(np.asarray(phi), 3).tolist()}", flush=True)
     if out is None:
-        tag = "cpu" if jax.default_backend() != "gpu" else "h100"
-        out = f"experiments/results/bench_generate_{tag}{'_quick' if quick else ''}"
+        out = default_out("generate", quick)
     title = (
         f"Generation, {cfg.num_layers}L d{cfg.d_model} {cfg.num_heads}h V{cfg.vocab_size} "
         f"bf16 random weights, prompt {prompt}, {new} new tokens, greedy"

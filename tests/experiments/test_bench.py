@@ -7,6 +7,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from cope import functional as F
 from experiments.bench import cope_parts
@@ -65,3 +66,60 @@ def test_bench_train_reports_mfu_with_options(tmp_path):
             r["real_tokens_per_batch"] / (r["batch"] * r["seq_len"]),
         )
     assert "MFU" in out.with_suffix(".md").read_text()
+
+
+def test_cope_bench_quick_records_every_impl(tmp_path):
+    import importlib.util
+
+    from experiments import bench_kernels
+    from experiments.bench import cope
+
+    out = tmp_path / "cope"
+    bench_kernels.main(["cope", "--quick", "--iters", "1", "--out", str(out)])
+    records = json.loads(out.with_suffix(".json").read_text())
+    fields = {"kernel", "impl", "shape", "T", "pass", "ms", "temp_bytes", "device", "jax"}
+    assert all(fields <= r.keys() for r in records)
+    rows = {(r["impl"], r["shape"], r["pass"]): r for r in records}
+    kernel = importlib.util.find_spec("pallas_kernels.cope_attention") is not None
+    backward = kernel and importlib.util.find_spec(
+        "pallas_kernels.cope_attention.pallas_triton_bwd"
+    )
+    for shape in cope.QUICK:
+        for pass_ in cope.PASSES:
+            peers = [cope.XLA, cope.FLASH] + ([cope.XLA_REMAT] if pass_ == "fwd+bwd" else [])
+            for impl in peers:
+                r = rows[(impl, shape.name, pass_)]
+                assert r["status"] == "ok", r
+                assert r["ms"] > 0 and r["temp_bytes"] > 0 and r["T"] == shape.q_len
+            ours = rows[(cope.OURS, shape.name, pass_)]
+            if not kernel:
+                assert ours["status"] == "not available" and ours["ms"] is None
+            elif pass_ == "fwd" or backward:
+                assert ours["status"] == "ok" and ours["ms"] > 0, ours
+    md = out.with_suffix(".md").read_text()
+    assert "| shape | pass | cope-xla ms |" in md
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_cope_bench_records_out_of_memory(monkeypatch):
+    from experiments.bench import cope
+
+    def too_big(q, k, v, pos_emb):
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 48.00GiB.")
+
+    monkeypatch.setattr(cope, "_impl", lambda name, shape, pass_: too_big)
+    rec = cope.measure(cope.XLA, cope.QUICK[0], "fwd+bwd", 1, "cpu")
+    assert rec.status == "out of memory" and rec.ms is None and "48.00GiB" in rec.error
+    assert "| OOM |" in cope.table([rec], cope.QUICK)
+
+
+def test_benches_default_outside_committed_results(capsys):
+    from experiments import bench_kernels
+    from experiments.bench.common import default_out
+
+    for bench in bench_kernels.BENCHES:
+        out = default_out(bench, quick=False)
+        assert out.parts[:2] == ("runs", "bench") and bench in out.name
+    with pytest.raises(SystemExit):
+        bench_kernels.main(["--help"])
+    assert "runs/bench/" in capsys.readouterr().out

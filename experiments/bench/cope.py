@@ -1,0 +1,363 @@
+"""CoPE attention benchmark: our fused kernel vs CoPE in XLA (with and without remat) and our plain
+flash kernel at the same shape; ms and the compiled executable's peak temporary bytes.
+
+Run: `python -m experiments.bench_kernels cope` (GPU); `--quick` for a CPU smoke run (interpret
+mode). A configuration that runs out of memory is recorded as such; our kernel's rows say
+"not available" until `pallas_kernels.cope_attention` exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import importlib.util
+import json
+import math
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cope import functional as F
+from cope.model import GPT2_SMALL
+from experiments.bench.common import Record, default_out, device_name, time_pipelined
+from pallas_kernels.flash_attention import flash_attention
+
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+KERNEL = "cope_attention"
+OURS = "ours"
+XLA, XLA_REMAT, FLASH = "cope-xla", "cope-xla remat", "flash"
+IMPLS = (XLA, XLA_REMAT, OURS, FLASH)
+PASSES = ("fwd", "fwd+bwd")
+OK, OOM, UNAVAILABLE, WRONG, ERROR = "ok", "out of memory", "not available", "wrong", "error"
+# Our kernel's output (and gradients) must match CoPE-XLA to this relative norm error (bf16).
+TOLERANCE = {"fwd": 2e-2, "fwd+bwd": 5e-2}
+CHECK_LEN = 512  # queries of the causal prefix checked against CoPE-XLA (exact for a prefix)
+SAMPLE_MS = 200.0  # aim for about this much device time per timed repetition
+
+
+@dataclasses.dataclass(frozen=True)
+class CopeShape:
+    """q, k, v [B, T, H, D] (causal self-attention), position table [N, D]; `label` names it."""
+
+    batch: int
+    q_len: int
+    heads: int
+    head_dim: int
+    npos: int
+    label: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"B{self.batch} T{self.q_len} H{self.heads} D{self.head_dim} N{self.npos}"
+
+
+TOKENS_PER_CALL = 16384
+SWEEP = tuple(
+    CopeShape(TOKENS_PER_CALL // t, t, 12, 64, 64, "16k tokens")
+    for t in (512, 1024, 4096, 8192, 16384)
+)
+COUNTING = CopeShape(64, 511, 4, 64, 513, "counting")  # configs/counting.py's layer
+GPT2_SMALL_LAYER = CopeShape(
+    8,
+    GPT2_SMALL["max_len"],
+    GPT2_SMALL["num_heads"],
+    GPT2_SMALL["d_model"] // GPT2_SMALL["num_heads"],
+    GPT2_SMALL["npos"],
+    "GPT-2 small",
+)
+BENCH = (*SWEEP, COUNTING, GPT2_SMALL_LAYER)
+QUICK = (CopeShape(2, 64, 2, 16, 8, "quick"), CopeShape(1, 33, 2, 16, 17, "quick"))
+
+
+@dataclasses.dataclass
+class CopeRecord(Record):
+    """A `Record` with the query length, the compiled executable's temporary bytes and a status
+    (ok, out of memory, not available, wrong, error)."""
+
+    T: int | None = None
+    temp_bytes: int | None = None
+    status: str = OK
+
+    def to_json(self) -> dict:
+        d = super().to_json()
+        return {**d, "T": self.T, "temp_bytes": self.temp_bytes, "status": self.status}
+
+
+def _ours() -> tuple[Callable | None, Callable | None, str]:
+    """(cope_attention, why_unsupported, reason): the kernel, or None and why not."""
+    name = "pallas_kernels.cope_attention"
+    if importlib.util.find_spec(name) is None:
+        return None, None, f"{name} does not exist yet"
+    module = importlib.import_module(name)
+    fn, why = getattr(module, "cope_attention", None), getattr(module, "why_unsupported", None)
+    if fn is None:
+        return None, None, f"{name} does not export cope_attention yet"
+    return fn, why, ""
+
+
+def _inputs(shape: CopeShape, seed: int):
+    """q, k, v, do [B, T, H, D] bf16 and the [N, D] float32 position table."""
+    kq, kk, kv, ke, kd = jax.random.split(jax.random.key(seed), 5)
+    dims = (shape.batch, shape.q_len, shape.heads, shape.head_dim)
+    q, k, v, do = (jax.random.normal(key, dims, jnp.bfloat16) for key in (kq, kk, kv, kd))
+    pos_emb = jax.random.normal(ke, (shape.npos, shape.head_dim), jnp.float32)
+    return q, k, v, pos_emb * shape.head_dim**-0.5, do
+
+
+def _impl(name: str, shape: CopeShape, pass_: str) -> Callable | str:
+    """fn(q, k, v, pos_emb) -> out for `name`, or why it cannot run here."""
+    if name == XLA:
+        return functools.partial(F.cope_attention, causal=True)
+    if name == XLA_REMAT:
+        if pass_ == "fwd":
+            return "remat changes only the backward pass"
+        return jax.checkpoint(functools.partial(F.cope_attention, causal=True))
+    if name == FLASH:
+        return lambda q, k, v, pos_emb: flash_attention(q, k, v, causal=True)
+    fn, why, reason = _ours()
+    if fn is None:
+        return reason
+    if why is not None:
+        dims = (shape.batch, shape.q_len, shape.heads, shape.head_dim)
+        qkv = jax.ShapeDtypeStruct(dims, jnp.bfloat16)
+        reason = why(qkv, qkv, qkv, jax.ShapeDtypeStruct((shape.npos, shape.head_dim), jnp.float32))
+        if reason is not None:
+            return reason
+    return functools.partial(fn, causal=True)
+
+
+def _fwd_bwd(fn: Callable, argnums: tuple[int, ...]) -> Callable:
+    """(q, k, v, pos_emb, do) -> the gradients of Σ out·do with respect to `argnums`."""
+
+    def loss(q, k, v, pos_emb, do):
+        return jnp.sum(fn(q, k, v, pos_emb).astype(jnp.float32) * do.astype(jnp.float32))
+
+    return jax.grad(loss, argnums=argnums)
+
+
+def _argnums(name: str) -> tuple[int, ...]:
+    return (0, 1, 2) if name == FLASH else (0, 1, 2, 3)
+
+
+def _program(name: str, fn: Callable, pass_: str) -> tuple[Callable, Callable]:
+    """(program, args picker): what is compiled and timed, and its arguments from `_inputs`."""
+    if pass_ == "fwd":
+        return fn, lambda x: x[:4]
+    return _fwd_bwd(fn, _argnums(name)), lambda x: x
+
+
+def _relative_error(got, want) -> float:
+    errs = []
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+        errs.append(float(np.linalg.norm(g - w) / max(np.linalg.norm(w), 1e-30)))
+    return max(errs)
+
+
+def _check(name: str, fn: Callable, shape: CopeShape, pass_: str) -> str | None:
+    """For our kernel: the relative error against CoPE-XLA on one row's causal prefix, when it
+    exceeds the tolerance (None when it agrees); other impls are not checked."""
+    if name != OURS:
+        return None
+    prefix = dataclasses.replace(shape, batch=1, q_len=min(shape.q_len, CHECK_LEN))
+    args = _inputs(prefix, seed=1)
+    want, pick = _program(XLA, _impl(XLA, prefix, pass_), pass_)
+    got, _ = _program(name, fn, pass_)
+    err = _relative_error(jax.jit(got)(*pick(args)), jax.jit(want)(*pick(args)))
+    if not err <= TOLERANCE[pass_]:
+        return (
+            f"relative error {err:.3g} vs CoPE-XLA on {prefix.name} (tolerance {TOLERANCE[pass_]})"
+        )
+    return None
+
+
+def _is_oom(error: Exception) -> bool:
+    text = str(error)
+    return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+
+
+def _first_line(error: Exception) -> str:
+    lines = [ln for ln in str(error).splitlines() if ln.strip() and "For simplicity" not in ln]
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+def measure(name: str, shape: CopeShape, pass_: str, iters: int, device: str) -> CopeRecord:
+    """Compiles, checks and times one (impl, shape, pass); never raises for a failing impl."""
+    rec = CopeRecord(
+        kernel=KERNEL,
+        impl=name,
+        shape=shape.name,
+        causal=True,
+        pass_=pass_,
+        ms=None,
+        device=device,
+        T=shape.q_len,
+    )
+    fn = _impl(name, shape, pass_)
+    if isinstance(fn, str):
+        rec.status, rec.error = UNAVAILABLE, fn
+        return rec
+    try:
+        rec.error = _check(name, fn, shape, pass_)
+        if rec.error is not None:
+            rec.status = WRONG
+            return rec
+        program, pick = _program(name, fn, pass_)
+        args = pick(_inputs(shape, seed=int(np.random.default_rng().integers(2**31))))
+        compiled = jax.jit(program).lower(*args).compile()
+        memory = compiled.memory_analysis()
+        rec.temp_bytes = None if memory is None else int(memory.temp_size_in_bytes)
+        once = time_pipelined(compiled, *args, iters=1, reps=1)
+        calls = max(1, min(iters, math.ceil(SAMPLE_MS / max(once, 1e-3))))
+        rec.ms = time_pipelined(compiled, *args, iters=calls)
+    except Exception as e:  # noqa: BLE001 - one failing configuration must not stop the run
+        rec.status, rec.error = (OOM if _is_oom(e) else ERROR), _first_line(e)
+    return rec
+
+
+def _ms(rec: CopeRecord | None) -> str:
+    if rec is None:
+        return ""
+    if rec.ms is None:
+        return {OOM: "OOM", UNAVAILABLE: "n/a", WRONG: "wrong"}.get(rec.status, "err")
+    return f"{rec.ms:.3f}" if rec.ms < 10 else f"{rec.ms:.1f}"
+
+
+def _bytes(rec: CopeRecord | None) -> str:
+    if rec is None or rec.temp_bytes is None:
+        return ""
+    n, unit = float(rec.temp_bytes), "B"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            break
+        n /= 1024
+    return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+
+
+def _ratio(num: CopeRecord | None, den: CopeRecord | None) -> str:
+    if num is None or den is None or not num.ms or not den.ms:
+        return "n/a"
+    return f"{num.ms / den.ms:.2f}×"
+
+
+def table(records: list[CopeRecord], shapes: tuple[CopeShape, ...]) -> str:
+    """Markdown: per (shape, pass) each impl's ms and temporaries, and our speed ratios."""
+    label = {s.name: s.label for s in shapes}
+    header = ["shape", "pass", *(f"{i} ms" for i in IMPLS), *(f"{i} temp" for i in IMPLS)]
+    header += ["best CoPE-XLA / ours", "ours / flash"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for key in dict.fromkeys((r.shape, r.pass_) for r in records):
+        row = {r.impl: r for r in records if (r.shape, r.pass_) == key}
+        xla = [row[i] for i in (XLA, XLA_REMAT) if i in row and row[i].ms]
+        best_xla = min(xla, key=lambda r: r.ms) if xla else None
+        cells = [f"{label.get(key[0], '')} {key[0]}".strip(), key[1]]
+        cells += [_ms(row.get(i)) for i in IMPLS] + [_bytes(row.get(i)) for i in IMPLS]
+        cells += [_ratio(best_xla, row.get(OURS)), _ratio(row.get(OURS), row.get(FLASH))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _chart(records: list[CopeRecord], path: Path, title: str) -> None:
+    """ms (top) and temporary bytes (bottom), one panel per pass, log scale, OOM marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = list(dict.fromkeys(r.shape for r in records))
+    fig, axes = plt.subplots(2, len(PASSES), figsize=(max(10, 2.2 * len(shapes)), 7), squeeze=False)
+    width = 0.8 / len(IMPLS)
+    for col, pass_ in enumerate(PASSES):
+        for row, (metric, ylabel) in enumerate((("ms", "ms"), ("temp_bytes", "temp bytes"))):
+            ax = axes[row][col]
+            for i, impl in enumerate(IMPLS):
+                for j, shape in enumerate(shapes):
+                    r = next(
+                        (r for r in records if (r.impl, r.shape, r.pass_) == (impl, shape, pass_)),
+                        None,
+                    )
+                    x = j + i * width
+                    value = None if r is None else getattr(r, metric)
+                    if r is not None and r.status == OOM and metric == "ms":
+                        ax.text(
+                            x, 0.02, "OOM", transform=ax.get_xaxis_transform(), rotation=90,
+                            fontsize=6, ha="center", va="bottom",
+                        )  # fmt: skip
+                    if value:
+                        ax.bar(x, value, width, color=f"C{i}", label=impl if j == 0 else None)
+            ax.set_yscale("log")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{pass_}", fontsize=9)
+            ax.set_xticks(np.arange(len(shapes)) + 0.4 - width / 2, shapes, fontsize=6)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=6)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(records: list[CopeRecord], out: str | Path, shapes, iters: int) -> str:
+    """`<out>.json` (records), `<out>.md` (table, failures, method), `<out>.png`; the table."""
+    prefix = Path(out)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    prefix.with_suffix(".json").write_text(json.dumps([r.to_json() for r in records], indent=1))
+    text = table(records, shapes)
+    device = records[0].device if records else "?"
+    title = f"CoPE attention, causal, bf16 q/k/v, float32 table ({device}, jax {jax.__version__})"
+    notes = [
+        f"- {r.impl} {r.shape} {r.pass_}: {r.status}: {r.error}"
+        for r in records
+        if r.error and r.status != UNAVAILABLE
+    ]
+    missing = sorted({f"{r.impl}: {r.error}" for r in records if r.status == UNAVAILABLE})
+    md = [f"# {title}", "", text, ""]
+    if notes:
+        md += ["Failures:", "", *notes, ""]
+    if missing:
+        md += ["Not run: " + "; ".join(missing) + ".", ""]
+    md += [
+        "Impls: `cope-xla` = `cope.functional.cope_attention` under jit, `cope-xla remat` = the "
+        "same inside `jax.checkpoint` (fwd+bwd only), `ours` = `pallas_kernels.cope_attention`, "
+        "`flash` = `pallas_kernels.flash_attention` (no position term: the floor). fwd+bwd = "
+        "gradients of Σ out·do with respect to q, k, v and the table (flash: q, k, v). ms = "
+        "median of 5 repetitions of back-to-back calls (one sync each, about "
+        f"{SAMPLE_MS:.0f} ms per repetition, at most {iters} calls); temp = "
+        "`temp_size_in_bytes` of the compiled executable's memory analysis. Our kernel is "
+        f"checked against CoPE-XLA on one sequence's first {CHECK_LEN} queries before timing.",
+        "",
+    ]
+    prefix.with_suffix(".md").write_text("\n".join(md))
+    _chart(records, prefix.with_suffix(".png"), title)
+    return text
+
+
+def run(out: str | None = None, iters: int = 20, quick: bool = False) -> list[CopeRecord]:
+    device = device_name()
+    shapes = QUICK if quick else BENCH
+    iters = min(iters, 3) if quick else iters
+    records = []
+    for shape in shapes:
+        for pass_ in PASSES:
+            for name in IMPLS:
+                rec = measure(name, shape, pass_, iters, device)
+                if rec.status == UNAVAILABLE and name == XLA_REMAT:
+                    continue
+                status = f"{rec.ms:10.3f} ms" if rec.ms is not None else rec.status
+                temp = _bytes(rec)
+                print(
+                    f"{shape.label:12s} {shape.name:24s} {pass_:7s} {name:15s} {status:>14s} "
+                    f"{temp:>11s} {rec.error or ''}",
+                    flush=True,
+                )
+                records.append(rec)
+    out = default_out("cope", quick) if out is None else out
+    print(write_outputs(records, out, shapes, iters))
+    print(f"wrote {Path(out).with_suffix('.json')} (.md, .png)")
+    return records
