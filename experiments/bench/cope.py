@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
-import importlib.util
 import json
 import math
 import warnings
@@ -23,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from cope import functional as F
-from cope.model import GPT2_SMALL
 from experiments.bench.common import Record, default_out, device_name, time_pipelined
+from pallas_kernels.cope_attention.shapes import BENCH, BENCH_QUICK, CopeShape
 from pallas_kernels.flash_attention import flash_attention
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -39,40 +38,6 @@ OK, OOM, UNAVAILABLE, WRONG, ERROR = "ok", "out of memory", "not available", "wr
 TOLERANCE = {"fwd": 2e-2, "fwd+bwd": 5e-2}
 CHECK_LEN = 512  # queries of the causal prefix checked against CoPE-XLA (exact for a prefix)
 SAMPLE_MS = 200.0  # aim for about this much device time per timed repetition
-
-
-@dataclasses.dataclass(frozen=True)
-class CopeShape:
-    """q, k, v [B, T, H, D] (causal self-attention), position table [N, D]; `label` names it."""
-
-    batch: int
-    q_len: int
-    heads: int
-    head_dim: int
-    npos: int
-    label: str = ""
-
-    @property
-    def name(self) -> str:
-        return f"B{self.batch} T{self.q_len} H{self.heads} D{self.head_dim} N{self.npos}"
-
-
-TOKENS_PER_CALL = 16384
-SWEEP = tuple(
-    CopeShape(TOKENS_PER_CALL // t, t, 12, 64, 64, "16k tokens")
-    for t in (512, 1024, 4096, 8192, 16384)
-)
-COUNTING = CopeShape(64, 511, 4, 64, 513, "counting")  # configs/counting.py's layer
-GPT2_SMALL_LAYER = CopeShape(
-    8,
-    GPT2_SMALL["max_len"],
-    GPT2_SMALL["num_heads"],
-    GPT2_SMALL["d_model"] // GPT2_SMALL["num_heads"],
-    GPT2_SMALL["npos"],
-    "GPT-2 small",
-)
-BENCH = (*SWEEP, COUNTING, GPT2_SMALL_LAYER)
-QUICK = (CopeShape(2, 64, 2, 16, 8, "quick"), CopeShape(1, 33, 2, 16, 17, "quick"))
 
 
 @dataclasses.dataclass
@@ -92,8 +57,6 @@ class CopeRecord(Record):
 def _ours() -> tuple[Callable | None, Callable | None, str]:
     """(cope_attention, why_unsupported, reason): the kernel, or None and why not."""
     name = "pallas_kernels.cope_attention"
-    if importlib.util.find_spec(name) is None:
-        return None, None, f"{name} does not exist yet"
     module = importlib.import_module(name)
     fn, why = getattr(module, "cope_attention", None), getattr(module, "why_unsupported", None)
     if fn is None:
@@ -102,10 +65,12 @@ def _ours() -> tuple[Callable | None, Callable | None, str]:
 
 
 def _inputs(shape: CopeShape, seed: int):
-    """q, k, v, do [B, T, H, D] bf16 and the [N, D] float32 position table."""
+    """q, do [B, T, H, D] and k, v [B, S, K, D] bf16, and the [N, D] float32 position table."""
     kq, kk, kv, ke, kd = jax.random.split(jax.random.key(seed), 5)
-    dims = (shape.batch, shape.q_len, shape.heads, shape.head_dim)
-    q, k, v, do = (jax.random.normal(key, dims, jnp.bfloat16) for key in (kq, kk, kv, kd))
+    q_dims = (shape.batch, shape.q_len, shape.heads, shape.head_dim)
+    kv_dims = (shape.batch, shape.s, shape.k, shape.head_dim)
+    q, do = (jax.random.normal(key, q_dims, jnp.bfloat16) for key in (kq, kd))
+    k, v = (jax.random.normal(key, kv_dims, jnp.bfloat16) for key in (kk, kv))
     pos_emb = jax.random.normal(ke, (shape.npos, shape.head_dim), jnp.float32)
     return q, k, v, pos_emb * shape.head_dim**-0.5, do
 
@@ -124,9 +89,8 @@ def _impl(name: str, shape: CopeShape, pass_: str) -> Callable | str:
     if fn is None:
         return reason
     if why is not None:
-        dims = (shape.batch, shape.q_len, shape.heads, shape.head_dim)
-        qkv = jax.ShapeDtypeStruct(dims, jnp.bfloat16)
-        reason = why(qkv, qkv, qkv, jax.ShapeDtypeStruct((shape.npos, shape.head_dim), jnp.float32))
+        q, k, v, pos_emb, _ = jax.eval_shape(lambda: _inputs(shape, seed=0))
+        reason = why(q, k, v, pos_emb)
         if reason is not None:
             return reason
     return functools.partial(fn, causal=True)
@@ -161,11 +125,13 @@ def _relative_error(got, want) -> float:
 
 
 def _check(name: str, fn: Callable, shape: CopeShape, pass_: str) -> str | None:
-    """For our kernel: the relative error against CoPE-XLA on one row's causal prefix, when it
-    exceeds the tolerance (None when it agrees); other impls are not checked."""
+    """For our kernel: the relative error against CoPE-XLA on one sequence (its causal prefix
+    when T = S), when it exceeds the tolerance (None when it agrees); others are not checked."""
     if name != OURS:
         return None
-    prefix = dataclasses.replace(shape, batch=1, q_len=min(shape.q_len, CHECK_LEN))
+    prefix = dataclasses.replace(shape, batch=1)
+    if shape.kv_len is None:
+        prefix = dataclasses.replace(prefix, q_len=min(shape.q_len, CHECK_LEN))
     args = _inputs(prefix, seed=1)
     want, pick = _program(XLA, _impl(XLA, prefix, pass_), pass_)
     got, _ = _program(name, fn, pass_)
@@ -246,9 +212,8 @@ def _ratio(num: CopeRecord | None, den: CopeRecord | None) -> str:
     return f"{num.ms / den.ms:.2f}×"
 
 
-def table(records: list[CopeRecord], shapes: tuple[CopeShape, ...]) -> str:
+def table(records: list[CopeRecord]) -> str:
     """Markdown: per (shape, pass) each impl's ms and temporaries, and our speed ratios."""
-    label = {s.name: s.label for s in shapes}
     header = ["shape", "pass", *(f"{i} ms" for i in IMPLS), *(f"{i} temp" for i in IMPLS)]
     header += ["best CoPE-XLA / ours", "ours / flash"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -256,7 +221,7 @@ def table(records: list[CopeRecord], shapes: tuple[CopeShape, ...]) -> str:
         row = {r.impl: r for r in records if (r.shape, r.pass_) == key}
         xla = [row[i] for i in (XLA, XLA_REMAT) if i in row and row[i].ms]
         best_xla = min(xla, key=lambda r: r.ms) if xla else None
-        cells = [f"{label.get(key[0], '')} {key[0]}".strip(), key[1]]
+        cells = [key[0], key[1]]
         cells += [_ms(row.get(i)) for i in IMPLS] + [_bytes(row.get(i)) for i in IMPLS]
         cells += [_ratio(best_xla, row.get(OURS)), _ratio(row.get(OURS), row.get(FLASH))]
         lines.append("| " + " | ".join(cells) + " |")
@@ -303,12 +268,12 @@ def _chart(records: list[CopeRecord], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def write_outputs(records: list[CopeRecord], out: str | Path, shapes, iters: int) -> str:
+def write_outputs(records: list[CopeRecord], out: str | Path, iters: int) -> str:
     """`<out>.json` (records), `<out>.md` (table, failures, method), `<out>.png`; the table."""
     prefix = Path(out)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     prefix.with_suffix(".json").write_text(json.dumps([r.to_json() for r in records], indent=1))
-    text = table(records, shapes)
+    text = table(records)
     device = records[0].device if records else "?"
     title = f"CoPE attention, causal, bf16 q/k/v, float32 table ({device}, jax {jax.__version__})"
     notes = [
@@ -323,7 +288,10 @@ def write_outputs(records: list[CopeRecord], out: str | Path, shapes, iters: int
     if missing:
         md += ["Not run: " + "; ".join(missing) + ".", ""]
     md += [
-        "Impls: `cope-xla` = `cope.functional.cope_attention` under jit, `cope-xla remat` = the "
+        "Shapes (`pallas_kernels.cope_attention.shapes.BENCH`): H12 D64 N64 at 16k tokens "
+        "per call (B = 16384 / T), the counting task's layer (B64 T511 H4 D64 N513) and "
+        "GPT-2 small's (B8 T1024 H12 D64 N64). Impls: `cope-xla` = "
+        "`cope.functional.cope_attention` under jit, `cope-xla remat` = the "
         "same inside `jax.checkpoint` (fwd+bwd only), `ours` = `pallas_kernels.cope_attention`, "
         "`flash` = `pallas_kernels.flash_attention` (no position term: the floor). fwd+bwd = "
         "gradients of Σ out·do with respect to q, k, v and the table (flash: q, k, v). ms = "
@@ -340,7 +308,7 @@ def write_outputs(records: list[CopeRecord], out: str | Path, shapes, iters: int
 
 def run(out: str | None = None, iters: int = 20, quick: bool = False) -> list[CopeRecord]:
     device = device_name()
-    shapes = QUICK if quick else BENCH
+    shapes = BENCH_QUICK if quick else BENCH
     iters = min(iters, 3) if quick else iters
     records = []
     for shape in shapes:
@@ -352,12 +320,12 @@ def run(out: str | None = None, iters: int = 20, quick: bool = False) -> list[Co
                 status = f"{rec.ms:10.3f} ms" if rec.ms is not None else rec.status
                 temp = _bytes(rec)
                 print(
-                    f"{shape.label:12s} {shape.name:24s} {pass_:7s} {name:15s} {status:>14s} "
+                    f"{shape.name:26s} {pass_:7s} {name:15s} {status:>14s} "
                     f"{temp:>11s} {rec.error or ''}",
                     flush=True,
                 )
                 records.append(rec)
     out = default_out("cope", quick) if out is None else out
-    print(write_outputs(records, out, shapes, iters))
+    print(write_outputs(records, out, iters))
     print(f"wrote {Path(out).with_suffix('.json')} (.md, .png)")
     return records
