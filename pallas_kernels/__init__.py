@@ -1,5 +1,4 @@
-"""Pallas GPU kernels (flash attention, split-KV decoding, CoPE decoding), each with its pure-jnp
-reference."""
+"""Pallas GPU kernels (flash attention, split-KV and CoPE decoding), each with its jnp reference."""
 
 from pallas_kernels.cope_decode_attention import cope_decode_attention
 from pallas_kernels.decode_attention import decode_attention

@@ -1,5 +1,4 @@
-"""CoPE split-KV decode attention (Flash-Decoding splits, FlashDecoding++ unified max) for one
-new token, with one pass when the gates saturate and exact recomputation where they do not."""
+"""CoPE split-KV decode attention for one new token (saturation-assumed pass, exact redo)."""
 
 from pallas_kernels.cope_decode_attention.api import (
     DEFAULT_PHI,

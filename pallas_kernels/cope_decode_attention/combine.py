@@ -1,5 +1,4 @@
-"""Split-KV combine steps of CoPE decode attention: right-hand gate carries, the saturation
-check that picks the splits to recompute, and the merge of first-pass and exact partials."""
+"""CoPE split-KV combine steps: right-hand gate carries, the saturation check, the merge."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""Tuning defaults for CoPE split-KV decode attention: the plain decode kernel's knobs, with
-tiles sized for the gate suffix sums and the optional third (gate key) cache."""
+"""Tuning defaults for CoPE split-KV decode attention (the plain decode kernel's knobs)."""
 
 from __future__ import annotations
 

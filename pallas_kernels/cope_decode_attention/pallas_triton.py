@@ -1,16 +1,5 @@
-"""CoPE split-KV decode attention in Pallas-Triton: Flash-Decoding (Dao et al. 2023) splits with
-CoPE positions (Golovneva et al. 2024) from right-hand gate carries, online softmax or the
-FlashDecoding++ (Hong et al., MLSys 2024) unified max with per-split exact recomputation.
-
-Key j's position is the gate mass from j to the row's last key, so a split needs the gates of
-every split to its right. The first pass assumes each split not holding the row's last key is
-saturated (carry >= npos - 1: every key sees z[npos - 1], a per-head constant) and reports its
-gate total; the split holding the last key starts from carry 0 and is exact. The combine sums
-the totals into carries and a second pass recomputes, from their true carries, only the splits
-whose assumption failed. Inside a split, blocks run from its right end leftwards while some head
-is unsaturated (positions: carry + an in-tile suffix sum, z gathered at floor and floor + 1),
-then the rest of the split as plain decode with the constant z[npos - 1].
-"""
+"""CoPE split-KV decode attention in Pallas-Triton: Flash-Decoding (Dao et al. 2023) with CoPE
+positions (Golovneva et al. 2024) and FlashDecoding++'s unified max (Hong et al., MLSys 2024)."""
 
 from __future__ import annotations
 
@@ -56,6 +45,15 @@ def _cope_decode_kernel(
     precision,
 ):
     """One (batch, kv_head, split) program over the split's valid keys.
+
+    Key j's position is the gate mass from j to the row's last key, so a split needs the gates
+    of every split to its right. The first pass computes each split not holding the row's last
+    key as if saturated (carry >= npos - 1: every key sees z[npos - 1], a per-head constant)
+    and reports its gate total; the split holding the last key starts from carry 0 and is
+    exact. The second pass recomputes, from their true carries, the splits where the
+    assumption failed. Blocks run from the split's right end leftwards while some head is
+    unsaturated (positions: carry plus an in-tile suffix sum; z gathered at floor and floor + 1),
+    then the rest of the split as plain decode with the constant z[npos - 1].
 
     q_ref: [group, head_dim] (`rows` >= 16 loaded for the tensor cores, only the group's heads
     stored); k_ref, v_ref (and gk_ref with `gate_keys`): [max_len, head_dim]; lengths_ref: [];

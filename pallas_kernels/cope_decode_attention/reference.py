@@ -1,5 +1,4 @@
-"""Pure-jnp float32 specification of CoPE decode attention: the last query of a CoPE layer
-(Golovneva et al. 2024, arXiv 2405.18719) over a KV cache."""
+"""Pure-jnp float32 specification of CoPE (arXiv 2405.18719) decode attention over a KV cache."""
 
 from __future__ import annotations
 
