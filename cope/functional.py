@@ -29,12 +29,24 @@ IMPLS = ("xla", "pallas")
 # ---------------------------------------------------------------------------------------------
 
 
-def check_qkv(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array | None = None) -> None:
-    """Raises a one-line ValueError naming the argument whose shape or dtype is wrong."""
+def check_qkv(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    lengths: jax.Array | None = None,
+    *,
+    bias: jax.Array | None = None,
+) -> None:
+    """Raises a one-line ValueError naming the argument whose type, shape or dtype is wrong."""
+    for name, x in (("q", q), ("k", k), ("v", v), ("lengths", lengths), ("bias", bias)):
+        if x is not None and not (hasattr(x, "shape") and hasattr(x, "dtype")):
+            raise ValueError(f"{name} must be an array, got {type(x).__name__}")
     if q.ndim != 4:
         raise ValueError(f"q must be [batch, q_len, heads, head_dim], got shape {q.shape}")
     if k.ndim != 4:
         raise ValueError(f"k must be [batch, kv_len, kv_heads, head_dim], got shape {k.shape}")
+    if 0 in q.shape or 0 in k.shape:
+        raise ValueError(f"q {q.shape} and k {k.shape} must have no empty dimension")
     if v.shape != k.shape:
         raise ValueError(f"v must have the shape of k {k.shape}, got {v.shape}")
     if k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
@@ -49,6 +61,20 @@ def check_qkv(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array | Non
             raise ValueError(f"lengths must be [batch]={q.shape[0]}, got shape {lengths.shape}")
         if not jnp.issubdtype(lengths.dtype, jnp.integer):
             raise ValueError(f"lengths must be an integer array, got {lengths.dtype}")
+    if bias is not None:
+        b, t, h, _ = q.shape
+        if not (
+            bias.ndim == 4
+            and bias.shape[0] in (1, b)
+            and bias.shape[1] in (1, h)
+            and bias.shape[2:] == (t, k.shape[1])
+        ):
+            raise ValueError(
+                f"bias must be [batch or 1, heads or 1, q_len, kv_len] = "
+                f"[{b} or 1, {h} or 1, {t}, {k.shape[1]}], got shape {bias.shape}"
+            )
+        if not jnp.issubdtype(bias.dtype, jnp.floating):
+            raise ValueError(f"bias must be a floating array, got {bias.dtype}")
 
 
 def _check_impl(impl: str) -> None:
@@ -87,28 +113,46 @@ def _ungroup(x: jax.Array) -> jax.Array:
 
 
 def _dot_logits(q: jax.Array, k: jax.Array) -> jax.Array:
-    """q·k for every head: [B, T, H, D] x [B, S, K, D] -> [B, H, T, S] in float32."""
-    qg = _group(q, k.shape[2])
+    """q·k for every head: [B, T, H, D] x [B, S, K, D] -> [B, H, T, S] in float32.
+
+    A query or key holding NaN or inf gives NaN logits in its row or column. The product reads
+    zeros in its place, so a pair masked later gets an exact zero gradient (never 0·NaN).
+    """
+    b, t, h, _ = q.shape
+    kv_heads = k.shape[2]
+    q_ok = jnp.all(jnp.isfinite(q), axis=-1).reshape(b, t, kv_heads, h // kv_heads)
+    k_ok = jnp.all(jnp.isfinite(k), axis=-1)  # [B, S, K]
+    # [B, K, G, T, 1] & [B, K, 1, 1, S]
+    ok = q_ok.transpose(0, 2, 3, 1)[..., None] & k_ok.transpose(0, 2, 1)[:, :, None, None, :]
+    qg = _group(jnp.where(jnp.isfinite(q), q, 0), kv_heads)
+    k = jnp.where(jnp.isfinite(k), k, 0)
     logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=_acc(q.dtype))
-    return _ungroup(logits)
+    return _ungroup(jnp.where(ok, logits, jnp.nan))
 
 
 def _softmax_values(logits: jax.Array, mask: jax.Array, v: jax.Array) -> jax.Array:
     """Masked softmax over keys then the weighted sum of values.
 
     logits [B, H, T, S] float32, mask broadcastable to it, v [B, S, K, D] -> [B, T, H, D] float32.
-    Rows with no allowed key give zeros instead of NaN.
+    Masked pairs never reach the output or a gradient, whatever they hold: they are cut with
+    `where`, never multiplied by zero (0·NaN is NaN). An allowed pair whose logit or value is
+    not finite makes its row NaN. Rows with no allowed key give zeros.
     """
+    b, h, t, s = logits.shape
+    kv_heads = v.shape[2]
+    v_finite = jnp.isfinite(v)
+    v_ok = jnp.transpose(jnp.all(v_finite, axis=-1), (0, 2, 1))  # [B, K, S]
+    v_ok = jnp.repeat(v_ok, h // kv_heads, axis=1)[:, :, None, :]  # [B, H, 1, S]
+    logits = jnp.where(jnp.isfinite(logits) & v_ok, logits, jnp.nan)
     logits = jnp.where(mask, logits, -jnp.inf)
     row_max = jnp.max(logits, axis=-1, keepdims=True)
     row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-    weights = jnp.exp(logits - jax.lax.stop_gradient(row_max))
-    denom = jnp.sum(weights, axis=-1, keepdims=True)
-    probs = weights / jnp.where(denom > 0, denom, 1.0)
-    b, h, t, s = probs.shape
-    kv_heads = v.shape[2]
+    weights = jnp.where(mask, jnp.exp(logits - jax.lax.stop_gradient(row_max)), 0.0)
+    denom = jnp.sum(weights, axis=-1, keepdims=True)  # NaN in a row with a non-finite pair
+    probs = jnp.where(mask, weights / jnp.where(denom == 0, 1.0, denom), 0.0)
     probs = probs.reshape(b, kv_heads, h // kv_heads, t, s).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=_acc(v.dtype))
+    values = jnp.where(v_finite, v, 0)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, values, preferred_element_type=_acc(v.dtype))
     return out.reshape(b, t, h, v.shape[3])
 
 
@@ -263,9 +307,9 @@ def cope_attention(
     """
     check_qkv(q, k, v, lengths)
     _check_impl(impl)
-    if pos_emb.ndim != 2 or pos_emb.shape[1] != q.shape[-1]:
+    if pos_emb.ndim != 2 or pos_emb.shape[1] != q.shape[-1] or pos_emb.shape[0] < 1:
         raise ValueError(
-            f"pos_emb must be [npos, head_dim={q.shape[-1]}], got shape {pos_emb.shape}"
+            f"pos_emb must be [npos >= 1, head_dim={q.shape[-1]}], got shape {pos_emb.shape}"
         )
     if gate_k is not None and gate_k.shape != k.shape:
         raise ValueError(f"gate_k must have the shape of k {k.shape}, got {gate_k.shape}")
@@ -291,6 +335,10 @@ def rope(x: jax.Array, positions: jax.Array, *, base: float = 10000.0) -> jax.Ar
     x [B, T, H, D] (D even), positions [B, T] or [T] (int or float) -> [B, T, H, D] in x's dtype.
     rope(q, i)·rope(k, j) depends on i - j only.
     """
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"rope needs a floating x (it would truncate the rotation), got {x.dtype}")
+    if x.ndim != 4:
+        raise ValueError(f"rope needs x [batch, seq, heads, head_dim], got shape {x.shape}")
     d = x.shape[-1]
     if d % 2:
         raise ValueError(f"rope needs an even head_dim, got {d}")
@@ -325,6 +373,12 @@ def relative_logits(
     With a static offset the T×S matrix is built by a row shift of q·r (pads and reshapes, no
     gather), whose gradient is cheap; a traced offset falls back to a gather.
     """
+    if rel_emb.ndim != 2 or rel_emb.shape[0] < 1 or rel_emb.shape[1] != q.shape[-1]:
+        raise ValueError(
+            f"rel_emb must be [R >= 1, head_dim={q.shape[-1]}], got shape {rel_emb.shape}"
+        )
+    if kv_len < 1:
+        raise ValueError(f"kv_len must be >= 1, got {kv_len}")
     t = q.shape[1]
     # [B, T, H, D] x [R, D] -> [B, H, T, R]
     z = jnp.einsum(
