@@ -41,6 +41,51 @@ class ForwardConfig:
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class BackwardConfig:
+    """Tiles and launch parameters of the Pallas-Triton CoPE backward.
+
+    Both backward kernels tile (query rows x keys) with the same `block_q` x `block_k` tiles,
+    because the query kernel records, per query block, how many leading key tiles are saturated
+    and the key kernel reads that count. Powers of two >= 16 (Triton's dot needs M, N, K >= 16).
+    `num_warps`/`num_stages` launch the query kernel, `*_dkv` the key kernel.
+    """
+
+    block_q: int = 64
+    block_k: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+    num_warps_dkv: int = 4
+    num_stages_dkv: int = 2
+
+    def __post_init__(self):
+        for name in ("block_q", "block_k"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"{name}={value} must be a power of two >= 16")
+        for name in ("num_warps", "num_stages", "num_warps_dkv", "num_stages_dkv"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+
+    def clipped(self, q_len: int, kv_len: int) -> BackwardConfig:
+        """Shrinks blocks that exceed the (power-of-two rounded) sequence lengths."""
+        return dataclasses.replace(
+            self,
+            block_q=min(self.block_q, _pow2_at_least(q_len)),
+            block_k=min(self.block_k, _pow2_at_least(kv_len)),
+        )
+
+
+def heuristic_backward_config(
+    head_dim: int, q_len: int, kv_len: int, *, interpret: bool
+) -> BackwardConfig:
+    """The backward config for a shape (32-wide tiles in interpret mode, as the forward)."""
+    if interpret:
+        return BackwardConfig(32, 32, 4, 1, 4, 1).clipped(q_len, kv_len)
+    warps = 4 if _pow2_at_least(head_dim, 64) <= 64 else 8
+    return BackwardConfig(64, 64, warps, 2, warps, 2).clipped(q_len, kv_len)
+
+
 def heuristic_config(head_dim: int, q_len: int, kv_len: int, *, interpret: bool) -> ForwardConfig:
     """The forward config for a shape.
 

@@ -1,0 +1,529 @@
+"""Fused CoPE flash-attention backward (Golovneva et al. 2024, arXiv 2405.18719) in Pallas-Triton.
+
+FlashAttention-2's backward (Dao 2023) with contextual positions. With ds = P∘(dP - δ) the
+gradient of the final logits and ds' = ds·scale (nodiv: ds) that of the position term:
+  dz_i[n] = Σ_j ds'_ij·w_n(p_ij)          (a per-row histogram, linear-interpolation weights)
+  dp_ij  = ds'_ij·(z_i[⌊p⌋+1] - z_i[⌊p⌋])  (0 at integer or clamped positions)
+  dg_im  = Σ_{j<=m} dp_ij                  (a prefix sum along keys), then through the sigmoid.
+Positions saturate at npos - 1 far left of the diagonal; there dp = 0 and dg = 0 (the prefix sum
+of zeros), so those tiles are plain flash tiles whose only position gradient is
+dz_i[npos-1] += Σ_j ds'_ij.
+
+Query kernel, grid (query blocks, B, H), one program per query block and head:
+  1. Band search, diagonal toward key 0, gates only: the per-row suffix carry finds the leading
+     key tiles saturated for every row (`n_sat`) and the gate total of the rest (the "band").
+     Skipped when some row's saved gate total is below npos - 1 (nothing saturates).
+  2. Band tiles, left to right: positions = band total - gate prefix; gathers of z at ⌊p⌋ and
+     ⌊p⌋+1; dq; dz through scatter atomics; the dp prefix carried per row; dk, dv, d gate_k of
+     these tiles through atomic adds into float32 accumulators.
+  3. Saturated tiles: dq and the per-row Σ ds' only.
+Key kernel, grid (key blocks, B, K): dk, dv of the saturated tiles (it reads `n_sat`), plus the
+accumulators of step 2. So the two kernels split the tiles, and nothing [T, S] is stored.
+
+The histogram is telescoped so that no (row, bin) is hit twice by one scatter: positions fall
+monotonically along a row, so keys with one ⌊p⌋ form a run; each run end adds the inclusive
+prefix sums of the weights to its bins and subtracts them from the next run's bins. The next
+key's ⌊p⌋ comes from a matmul with a 0/1 shift matrix in float16, exact for npos <= 2048.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels.cope_attention.config import BackwardConfig, heuristic_backward_config
+
+MAX_NPOS = 2048  # ⌊p⌋ <= npos - 1 must be an exact float16 integer (the shift matmul)
+
+
+def _dot(a: jax.Array, b: jax.Array, *, trans_a: bool = False, trans_b: bool = False):
+    """fp32-accumulated matmul; fp32 inputs stay fp32 (no tf32)."""
+    dims = (((0,) if trans_a else (1,), (1,) if trans_b else (0,)), ((), ()))
+    return lax.dot_general(
+        a, b, dims, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32
+    )
+
+
+def _sigmoid(x: jax.Array) -> jax.Array:
+    return 1.0 / (1.0 + jnp.exp(-x))
+
+
+def _cdiv(a, b: int):
+    """Ceil-division of a non-negative traced int by a static int."""
+    return lax.div(a + (b - 1), b)
+
+
+def _q_block_map(causal: bool, num_q_blocks: int):
+    """Grid index -> query block; causal launches the heaviest (last) blocks first."""
+    if causal:
+        return lambda i: num_q_blocks - 1 - i
+    return lambda i: i
+
+
+def _key_bounds(q_block, length, *, block_q: int, block_k: int, causal: bool, offset: int):
+    """Key tiles [0, hi) seen by a query block, and the prefix [0, full) that needs no mask."""
+    hi = _cdiv(length, block_k)
+    full = lax.div(length, block_k)
+    if causal:
+        last_row = (q_block + 1) * block_q - 1
+        hi = jnp.minimum(hi, _cdiv(jnp.maximum(last_row + offset + 1, 0), block_k))
+        full = jnp.minimum(full, lax.div(jnp.maximum(q_block * block_q + offset + 1, 0), block_k))
+    return jnp.minimum(full, hi), hi
+
+
+def _mask(rows, cols, length, *, causal: bool, offset: int):
+    """[rows, cols] validity: key inside `length` and (causal) not after the query."""
+    valid = cols[None, :] < length
+    if causal:
+        valid = valid & (cols[None, :] <= rows[:, None] + offset)
+    return valid
+
+
+def _query_kernel(
+    *refs,
+    scale: float,
+    causal: bool,
+    nodiv: bool,
+    npos: int,
+    offset: int,
+    q_len: int,
+    block_q: int,
+    block_k: int,
+    num_q_blocks: int,
+    separate_gate_k: bool,
+    use_masks: bool,
+):
+    # Inputs: length_ref [] int32; q_ref, do_ref: [block_q, D]; k_ref, v_ref, gk_ref (only with
+    # separate gate keys): [S_pad, D]; lse_ref, delta_ref, gate_total_ref: [block_q] fp32;
+    # z_ref: [block_q, N] fp32; then the zero-initialised accumulators, aliased to the outputs
+    # and not read. Outputs: dq_ref [block_q, D] fp32; dz_ref [block_q, W] fp32 (W = N + 1, plus
+    # block_k spare columns for masked-off scatters in interpret mode); dz_sat_ref [block_q]
+    # fp32; n_sat_ref [] int32; dk_ref, dv_ref, dgk_ref (separate gate keys): [S_pad, D] fp32.
+    refs = list(refs)
+    length_ref, q_ref, k_ref, v_ref = refs[:4]
+    gk_ref = refs.pop(4) if separate_gate_k else None
+    do_ref, lse_ref, delta_ref, gate_total_ref, z_ref = refs[4:9]
+    outs = refs[9 + (4 if separate_gate_k else 3) :]
+    dq_ref, dz_ref, dz_sat_ref, n_sat_ref, dk_ref, dv_ref = outs[:6]
+    dgk_ref = outs[6] if separate_gate_k else None
+    q_block = _q_block_map(causal, num_q_blocks)(pl.program_id(0))
+    length = length_ref[...]
+    q = q_ref[...]  # [block_q, D]
+    do = do_ref[...]  # [block_q, D]
+    lse = lse_ref[...]  # [block_q]
+    delta = delta_ref[...]  # [block_q]
+    gate_total = gate_total_ref[...]  # [block_q]
+    max_pos = float(npos - 1)
+    pos_scale = 1.0 if nodiv else scale
+    local = jnp.arange(block_q, dtype=jnp.int32)  # [block_q]
+    rows = q_block * block_q + local  # [block_q]
+    real = rows < q_len
+    key_local = jnp.arange(block_k, dtype=jnp.int32)  # [block_k]
+    gather_rows = jnp.broadcast_to(local[:, None], (block_q, block_k))  # [block_q, block_k]
+    spare_cols = jnp.broadcast_to(npos + 1 + key_local[None, :], (block_q, block_k))
+    last_col = jnp.broadcast_to(key_local[None, :] == block_k - 1, (block_q, block_k))
+    # [block_k, block_k] shift[m, j] = [m == j + 1]: x @ shift moves column j + 1 to column j.
+    shift = (key_local[:, None] == key_local[None, :] + 1).astype(jnp.float16)
+    z_saturated = z_ref[:, npos - 1] * pos_scale  # [block_q] position logit at npos - 1
+    full, hi = _key_bounds(
+        q_block, length, block_q=block_q, block_k=block_k, causal=causal, offset=offset
+    )
+
+    def scatter_add(ref, idx, val, mask):
+        # Interpret mode has no masked atomics; masked-off lanes there add 0 to a spare slot.
+        pltriton.atomic_add(ref, idx, val, mask=mask if use_masks else None)
+
+    def gates(kv_block, s):
+        """Sigmoid gates of one tile (0 on masked pairs), and the tile's gate keys."""
+        keys = pl.ds(kv_block * block_k, block_k)
+        gk = gk_ref[keys, :] if separate_gate_k else None  # [block_k, D]
+        logits = s if gk is None else _dot(q, gk, trans_b=True)
+        cols = kv_block * block_k + key_local
+        valid = _mask(rows, cols, length, causal=causal, offset=offset)
+        return jnp.where(valid, _sigmoid(logits * scale), 0.0), valid, gk
+
+    # 1. Band search: carry = Σ_{m >= (kv_block + 1)·block_k} g. Tile kv_block is saturated
+    # when every real row already has carry >= npos - 1 and the tile needs no mask.
+    def search_cond(state):
+        kv_block, carry = state
+        carry_min = jnp.min(jnp.where(real, carry, jnp.inf))
+        saturated = (kv_block < full) & (carry_min >= max_pos)
+        return (kv_block >= 0) & jnp.logical_not(saturated)
+
+    def search_body(state):
+        kv_block, carry = state
+        k = k_ref[pl.ds(kv_block * block_k, block_k), :]  # [block_k, D]
+        s = None if separate_gate_k else _dot(q, k, trans_b=True)
+        g, _, _ = gates(kv_block, s)
+        return kv_block - 1, carry + jnp.sum(g, axis=1)
+
+    unsaturable = jnp.min(jnp.where(real, gate_total, jnp.inf)) < max_pos
+    search_start = jnp.where(unsaturable, -1, hi - 1)
+    last_saturated, band_total = lax.while_loop(
+        search_cond, search_body, (search_start, jnp.zeros((block_q,), jnp.float32))
+    )
+    n_sat = last_saturated + 1
+    band_total = jnp.where(unsaturable, gate_total, band_total)
+
+    # 2. Band tiles, left to right from the first unsaturated one.
+    def band_body(kv_block, state):
+        dq, band, dp_carry = state
+        keys = pl.ds(kv_block * block_k, block_k)
+        k = k_ref[keys, :]  # [block_k, D]
+        v = v_ref[keys, :]  # [block_k, D]
+        s = _dot(q, k, trans_b=True)  # [block_q, block_k] raw q·k
+        g, valid, gk = gates(kv_block, s)
+        pos = jnp.clip(band[:, None] - (jnp.cumsum(g, axis=1) - g), 0.0, max_pos)
+        lower = jnp.floor(pos)
+        frac = pos - lower
+        index = lower.astype(jnp.int32)
+        z_lower = z_ref[gather_rows, index]  # [block_q, block_k]
+        z_upper = z_ref[gather_rows, jnp.minimum(index + 1, npos - 1)]
+        z_step = z_upper - z_lower
+        z_pos = z_lower + frac * z_step
+        logits = (s + z_pos) * scale if not nodiv else s * scale + z_pos
+        p = jnp.where(valid, jnp.exp(logits - lse[:, None]), 0.0)
+        dp_ = _dot(do, v, trans_b=True)  # [block_q, block_k]
+        ds = p * (dp_ - delta[:, None])
+        ds_pos = ds * pos_scale
+
+        # dz: each run end j adds the run's prefix sums at ⌊p_j⌋ (and ⌊p_j⌋ + 1) and subtracts
+        # them at the next run's bins, so each scatter hits every (row, bin) at most once.
+        lower_next = _dot(lower.astype(jnp.float16), shift)  # [block_q, block_k] ⌊p_{j+1}⌋
+        changes = lower_next != lower
+        ends = changes | last_col
+        nexts = changes & jnp.logical_not(last_col)
+        index_next = lower_next.astype(jnp.int32)
+        low_sums = jnp.cumsum(ds_pos * (1.0 - frac), axis=1)
+        high_sums = jnp.cumsum(ds_pos * frac, axis=1)
+        for at, bins, sums, sign in (
+            (ends, index, low_sums, 1.0),
+            (ends, index + 1, high_sums, 1.0),
+            (nexts, index_next, low_sums, -1.0),
+            (nexts, index_next + 1, high_sums, -1.0),
+        ):
+            scatter_add(
+                dz_ref,
+                (gather_rows, jnp.where(at, bins, spare_cols)),
+                jnp.where(at, sign * sums, 0.0),
+                at,
+            )
+
+        # Gate gradient: a prefix sum of dp along the keys, through the sigmoid.
+        dpos = jnp.where(frac > 0.0, ds_pos * z_step, 0.0)
+        dg = dp_carry[:, None] + jnp.cumsum(dpos, axis=1)
+        dgate_logits = dg * g * (1.0 - g) * scale  # g = 0 on masked pairs
+        dlogits = ds * scale
+        if separate_gate_k:
+            dq = dq + _dot(dlogits.astype(k.dtype), k) + _dot(dgate_logits.astype(gk.dtype), gk)
+            scatter_add(
+                dk_ref, (keys, slice(None)), _dot(dlogits.astype(q.dtype), q, trans_a=True), None
+            )
+            scatter_add(
+                dgk_ref,
+                (keys, slice(None)),
+                _dot(dgate_logits.astype(q.dtype), q, trans_a=True),
+                None,
+            )
+        else:
+            dboth = dlogits + dgate_logits
+            dq = dq + _dot(dboth.astype(k.dtype), k)
+            scatter_add(
+                dk_ref, (keys, slice(None)), _dot(dboth.astype(q.dtype), q, trans_a=True), None
+            )
+        scatter_add(dv_ref, (keys, slice(None)), _dot(p.astype(do.dtype), do, trans_a=True), None)
+        return dq, band - jnp.sum(g, axis=1), dp_carry + jnp.sum(dpos, axis=1)
+
+    # 3. Saturated tiles: no mask (every row sees a key right of them), constant position.
+    def saturated_body(kv_block, state):
+        dq, ds_sum = state
+        keys = pl.ds(kv_block * block_k, block_k)
+        k = k_ref[keys, :]  # [block_k, D]
+        v = v_ref[keys, :]  # [block_k, D]
+        s = _dot(q, k, trans_b=True) * scale + z_saturated[:, None]
+        p = jnp.exp(s - lse[:, None])
+        ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
+        dq = dq + _dot((ds * scale).astype(k.dtype), k)
+        return dq, ds_sum + jnp.sum(ds, axis=1)
+
+    head_dim = q_ref.shape[-1]
+    zeros = jnp.zeros((block_q,), jnp.float32)
+    dq = jnp.zeros((block_q, head_dim), jnp.float32)
+    dq, _, _ = lax.fori_loop(n_sat, hi, band_body, (dq, band_total, zeros))
+    dq, ds_sum = lax.fori_loop(0, n_sat, saturated_body, (dq, zeros))
+    dq_ref[...] = dq
+    dz_sat_ref[...] = ds_sum * pos_scale
+    n_sat_ref[...] = n_sat
+
+
+def _key_kernel(
+    q_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    z_sat_ref,
+    n_sat_ref,
+    k_ref,
+    v_ref,
+    dk_acc_ref,
+    dv_acc_ref,
+    dk_ref,
+    dv_ref,
+    *,
+    scale: float,
+    causal: bool,
+    offset: int,
+    block_q: int,
+    block_k: int,
+    group: int,
+):
+    # q_ref, do_ref: [T_pad, G, D]; lse_ref, delta_ref, z_sat_ref: [G, T_pad] fp32 (z_sat: the
+    # scaled position logit at npos - 1); n_sat_ref: [G, num_q_blocks] int32; k_ref, v_ref,
+    # dk_ref, dv_ref: [block_k, D]; dk_acc_ref, dv_acc_ref: [block_k, D] fp32 (band tiles).
+    kv_block = pl.program_id(0)
+    num_q_blocks = q_ref.shape[0] // block_q
+    k = k_ref[...]  # [block_k, D]
+    v = v_ref[...]  # [block_k, D]
+    # A saturated tile needs no mask, so its first row already sees the tile's last key.
+    lo = jnp.int32(0)
+    if causal:
+        lo = _cdiv(jnp.maximum((kv_block + 1) * block_k - 1 - offset, 0), block_q)
+
+    def tile(q_block, g, carry):
+        dk, dv = carry
+        q_rows = pl.ds(q_block * block_q, block_q)
+        q = q_ref[q_rows, g, :]  # [block_q, D]
+        do = do_ref[q_rows, g, :]  # [block_q, D]
+        lse = lse_ref[g, q_rows]  # [block_q]
+        delta = delta_ref[g, q_rows]  # [block_q]
+        s = _dot(q, k, trans_b=True) * scale + z_sat_ref[g, q_rows][:, None]
+        p = jnp.exp(s - lse[:, None])  # [block_q, block_k]
+        dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
+        ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
+        dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
+        return dk, dv
+
+    def body(q_block, carry, *, g):
+        saturated = n_sat_ref[g, q_block] > kv_block
+        return lax.cond(saturated, functools.partial(tile, q_block, g), lambda c: c, carry)
+
+    def head(g, carry):
+        return lax.fori_loop(lo, num_q_blocks, functools.partial(body, g=g), carry)
+
+    zeros = jnp.zeros(k.shape, jnp.float32)
+    dk, dv = lax.fori_loop(0, group, head, (zeros, zeros))
+    dk_ref[...] = (dk * scale + dk_acc_ref[...]).astype(dk_ref.dtype)
+    dv_ref[...] = (dv + dv_acc_ref[...]).astype(dv_ref.dtype)
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def _pad(x: jax.Array, axis_sizes: dict[int, int], value=0) -> jax.Array:
+    """Pads the given axes at the end up to the given sizes."""
+    widths = [(0, axis_sizes.get(a, n) - n) for a, n in enumerate(x.shape)]
+    if all(w == (0, 0) for w in widths):
+        return x
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def _check(q, k, v, pos_emb, gate_k, lengths, out, lse, gate_total, dout) -> None:
+    if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
+        raise ValueError(f"q must be [B, T, H, D] and k, v [B, S, K, D]; got {q.shape}, {k.shape}")
+    batch, q_len, heads, head_dim = q.shape
+    if k.shape[0] != batch or k.shape[3] != head_dim or heads % k.shape[2]:
+        raise ValueError(f"k {k.shape} does not fit q {q.shape} (batch, head_dim, GQA groups)")
+    if gate_k is not None and gate_k.shape != k.shape:
+        raise ValueError(f"gate_k must have the shape of k {k.shape}, got {gate_k.shape}")
+    if pos_emb.ndim != 2 or pos_emb.shape[1] != head_dim or not 1 <= pos_emb.shape[0]:
+        raise ValueError(f"pos_emb must be [npos, head_dim={head_dim}], got {pos_emb.shape}")
+    if pos_emb.shape[0] > MAX_NPOS:
+        raise ValueError(f"pos_emb has npos={pos_emb.shape[0]} > {MAX_NPOS} rows")
+    for name, x in (("out", out), ("dout", dout)):
+        if x.shape != q.shape:
+            raise ValueError(f"{name} must have the shape of q {q.shape}, got {x.shape}")
+    for name, x in (("lse", lse), ("gate_total", gate_total)):
+        if x.shape != (batch, heads, q_len):
+            raise ValueError(f"{name} must be [B, H, T]={(batch, heads, q_len)}, got {x.shape}")
+    if lengths is not None and lengths.shape != (batch,):
+        raise ValueError(f"lengths must be [B]={batch}, got shape {lengths.shape}")
+
+
+def cope_attention_bwd(
+    q,
+    k,
+    v,
+    pos_emb,
+    gate_k,
+    lengths,
+    out,
+    lse,
+    gate_total,
+    dout,
+    *,
+    causal: bool,
+    scale: float | None,
+    nodiv: bool,
+    config: BackwardConfig | None,
+    interpret: bool,
+):
+    """Gradients of CoPE attention from the forward's residuals.
+
+    Args:
+      q: [B, T, H, D]; k, v: [B, S, K, D]; pos_emb: [N, D] (N <= 2048); gate_k: [B, S, K, D]
+        or None (gates use k); lengths: [B] int or None (all S keys valid). Unpadded.
+      out: [B, T, H, D] the forward output; lse: [B, H, T] fp32 natural-log softmax denominator
+        (+inf for rows with no visible key); gate_total: [B, H, T] fp32 unclamped Σ_j g_ij.
+      dout: [B, T, H, D] the output cotangent.
+      causal, scale (None: 1/sqrt(D)), nodiv: as the forward.
+      config: tiles (None: `heuristic_backward_config`); interpret: Pallas interpret mode.
+
+    Returns:
+      dq, dk, dv (their inputs' dtypes), dpos_emb [N, D] (pos_emb's dtype), dgate_k (gate_k's
+      dtype; None when gate_k is None).
+    """
+    _check(q, k, v, pos_emb, gate_k, lengths, out, lse, gate_total, dout)
+    batch, q_len, heads, head_dim = q.shape
+    kv_len, kv_heads = k.shape[1], k.shape[2]
+    npos = pos_emb.shape[0]
+    group = heads // kv_heads
+    scale = float(head_dim**-0.5 if scale is None else scale)
+    if config is None:
+        config = heuristic_backward_config(head_dim, q_len, kv_len, interpret=interpret)
+    block_q, block_k = config.block_q, config.block_k
+    q_pad = _round_up(q_len, block_q)
+    kv_pad = _round_up(kv_len, block_k)
+    d_pad = max(16, 1 << (head_dim - 1).bit_length())
+    num_q_blocks = q_pad // block_q
+    if lengths is None:
+        lengths = jnp.full((batch,), kv_len, jnp.int32)
+    lengths = jnp.clip(lengths.astype(jnp.int32), 0, kv_len)
+
+    # [B, H, T] softmax-gradient correction rowsum(o·do), and z = q·e in fp32 [B, H, T, N].
+    delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), dout.astype(jnp.float32))
+    z = jnp.einsum("bthd,nd->bhtn", q, pos_emb.astype(q.dtype), preferred_element_type=jnp.float32)
+    z_sat = z[..., npos - 1] * (1.0 if nodiv else scale)  # [B, H, T]
+    row_pad = {2: q_pad}
+    delta, z, z_sat, gate_total = (_pad(x, row_pad) for x in (delta, z, z_sat, gate_total))
+    lse = _pad(lse.astype(jnp.float32), row_pad, value=jnp.inf)  # padded rows: P = 0
+    qp = _pad(q, {1: q_pad, 3: d_pad})
+    dop = _pad(dout.astype(q.dtype), {1: q_pad, 3: d_pad})
+    kp = _pad(k, {1: kv_pad, 3: d_pad})
+    vp = _pad(v, {1: kv_pad, 3: d_pad})
+    separate = gate_k is not None
+    acc_shape = (batch, kv_pad, kv_heads, d_pad)
+    num_acc = 3 if separate else 2  # fp32 dk, dv (and d gate_k) of the band tiles
+    # Interpret mode lacks masked atomics: masked-off scatters go to block_k spare columns.
+    dz_width = npos + 1 + (block_k if interpret else 0)
+    f32 = jnp.float32
+
+    qb = _q_block_map(bool(causal), num_q_blocks)
+    q_spec = pl.BlockSpec((None, block_q, None, d_pad), lambda i, b, h: (b, qb(i), h, 0))
+    kv_spec = pl.BlockSpec((None, kv_pad, None, d_pad), lambda i, b, h: (b, 0, h // group, 0))
+    row_spec = pl.BlockSpec((None, None, block_q), lambda i, b, h: (b, h, qb(i)))
+    z_spec = pl.BlockSpec((None, None, block_q, npos), lambda i, b, h: (b, h, qb(i), 0))
+    dz_spec = pl.BlockSpec((None, None, block_q, dz_width), lambda i, b, h: (b, h, qb(i), 0))
+    n_sat_spec = pl.BlockSpec((None, None, None), lambda i, b, h: (b, h, qb(i)))
+    in_specs = [pl.BlockSpec((None,), lambda i, b, h: (b,)), q_spec, kv_spec, kv_spec]
+    inputs = [lengths, qp, kp, vp]
+    if separate:
+        in_specs.append(kv_spec)
+        inputs.append(_pad(gate_k, {1: kv_pad, 3: d_pad}))
+    in_specs += [q_spec, row_spec, row_spec, row_spec, z_spec, dz_spec] + [kv_spec] * num_acc
+    inputs += [dop, lse, delta, gate_total, z, jnp.zeros((batch, heads, q_pad, dz_width), f32)]
+    inputs += [jnp.zeros(acc_shape, f32) for _ in range(num_acc)]
+    first_zero = len(inputs) - num_acc - 1
+    dq, dz, dz_sat, n_sat, dk_acc, dv_acc, *dgk_acc = pl.pallas_call(
+        functools.partial(
+            _query_kernel,
+            scale=scale,
+            causal=bool(causal),
+            nodiv=bool(nodiv),
+            npos=npos,
+            offset=kv_len - q_len,
+            q_len=q_len,
+            block_q=block_q,
+            block_k=block_k,
+            num_q_blocks=num_q_blocks,
+            separate_gate_k=separate,
+            use_masks=not interpret,
+        ),
+        grid=(num_q_blocks, batch, heads),
+        in_specs=in_specs,
+        out_specs=[q_spec, dz_spec, row_spec, n_sat_spec] + [kv_spec] * num_acc,
+        out_shape=[
+            jax.ShapeDtypeStruct(qp.shape, f32),
+            jax.ShapeDtypeStruct((batch, heads, q_pad, dz_width), f32),
+            jax.ShapeDtypeStruct((batch, heads, q_pad), f32),
+            jax.ShapeDtypeStruct((batch, heads, num_q_blocks), jnp.int32),
+        ]
+        + [jax.ShapeDtypeStruct(acc_shape, f32)] * num_acc,
+        input_output_aliases={first_zero: 1, **{first_zero + 1 + a: 4 + a for a in range(num_acc)}},
+        compiler_params=pltriton.CompilerParams(
+            num_warps=config.num_warps, num_stages=config.num_stages
+        ),
+        interpret=interpret,
+        name="cope_attention_bwd_dq",
+    )(*inputs)
+
+    q_spec = pl.BlockSpec((None, q_pad, group, d_pad), lambda j, b, h: (b, 0, h, 0))
+    row_spec = pl.BlockSpec((None, group, q_pad), lambda j, b, h: (b, h, 0))
+    kv_spec = pl.BlockSpec((None, block_k, None, d_pad), lambda j, b, h: (b, j, h, 0))
+    dk, dv = pl.pallas_call(
+        functools.partial(
+            _key_kernel,
+            scale=scale,
+            causal=bool(causal),
+            offset=kv_len - q_len,
+            block_q=block_q,
+            block_k=block_k,
+            group=group,
+        ),
+        grid=(kv_pad // block_k, batch, kv_heads),
+        in_specs=[
+            q_spec,  # q
+            q_spec,  # dout
+            row_spec,  # lse
+            row_spec,  # delta
+            row_spec,  # z_sat
+            pl.BlockSpec((None, group, num_q_blocks), lambda j, b, h: (b, h, 0)),  # n_sat
+            kv_spec,  # k
+            kv_spec,  # v
+            kv_spec,  # dk accumulator
+            kv_spec,  # dv accumulator
+        ],
+        out_specs=[kv_spec, kv_spec],
+        out_shape=[
+            jax.ShapeDtypeStruct(kp.shape, k.dtype),
+            jax.ShapeDtypeStruct(vp.shape, v.dtype),
+        ],
+        compiler_params=pltriton.CompilerParams(
+            num_warps=config.num_warps_dkv, num_stages=config.num_stages_dkv
+        ),
+        interpret=interpret,
+        name="cope_attention_bwd_dkv",
+    )(qp, dop, lse, delta, z_sat, n_sat, kp, vp, dk_acc, dv_acc)
+
+    # dz [B, H, T, N]: the band histogram plus the saturated tiles' Σ ds' at npos - 1.
+    dz = dz[:, :, :q_len, :npos].at[..., npos - 1].add(dz_sat[:, :, :q_len])
+    e = pos_emb.astype(q.dtype)
+    dq = dq[:, :q_len, :, :head_dim] + jnp.einsum(
+        "bhtn,nd->bthd", dz, e, preferred_element_type=f32
+    )
+    dpos_emb = jnp.einsum("bhtn,bthd->nd", dz, q, preferred_element_type=f32)
+    dgate_k = None
+    if separate:
+        dgate_k = dgk_acc[0][:, :kv_len, :, :head_dim].astype(gate_k.dtype)
+    return (
+        dq.astype(q.dtype),
+        dk[:, :kv_len, :, :head_dim],
+        dv[:, :kv_len, :, :head_dim],
+        dpos_emb.astype(pos_emb.dtype),
+        dgate_k,
+    )
