@@ -119,11 +119,14 @@ def _forward_kernel(
         return acc, m_next, l_next
 
     def gated_cond(state):
-        kv_block, all_saturated = state[:2]
-        return (kv_block >= 0) & (all_saturated == 0)
+        # Rows without keys start at +inf, so they never hold the walk back. The test lives
+        # here rather than as a flag in the loop state: Triton crashes on scalar flags there.
+        kv_block, carry = state[0], state[-1]
+        least = jnp.min(carry)
+        return (kv_block >= 0) & ~((least >= max_pos) & (least > 0.0))
 
     def gated_body(state):
-        kv_block, _, acc, m, l, carry = state
+        kv_block, acc, m, l, carry = state
         cols = kv_block * block_k + jnp.arange(block_k, dtype=jnp.int32)  # [block_k]
         valid = cols[None, :] < length  # [block_q, block_k]
         if causal:
@@ -142,10 +145,7 @@ def _forward_kernel(
         z_pos = z_lower + frac * (z_upper - z_lower)
         s2 = jnp.where(valid, s * qk_scale + z_pos * pos_scale, MASK_VALUE)
         acc, m, l = softmax_step(s2, kv_block, acc, m, l, valid)
-        carry = carry + tile_total
-        saturated = ((carry >= max_pos) & (carry > 0.0)) | ~live
-        all_saturated = jnp.min(jnp.where(saturated, 1, 0))
-        return kv_block - 1, all_saturated, acc, m, l, carry
+        return kv_block - 1, acc, m, l, carry + tile_total
 
     def saturated_body(kv_block, state):
         # Every live row is saturated and, having seen a key to the right, sees all of these.
@@ -158,16 +158,14 @@ def _forward_kernel(
         return acc, m, l, carry
 
     head_dim = q_ref.shape[-1]
-    zeros = jnp.zeros((block_q,), jnp.float32)
     state = (
         num_blocks - 1,
-        jnp.int32(0),
         jnp.zeros((block_q, head_dim), jnp.float32),
         jnp.full((block_q,), MASK_VALUE, jnp.float32),
-        zeros,
-        zeros,
+        jnp.zeros((block_q,), jnp.float32),
+        jnp.where(live, 0.0, jnp.inf),  # [block_q] gates of the keys passed so far
     )
-    next_block, _, acc, m, l, carry = lax.while_loop(gated_cond, gated_body, state)
+    next_block, acc, m, l, carry = lax.while_loop(gated_cond, gated_body, state)
     acc, m, l, carry = lax.fori_loop(0, next_block + 1, saturated_body, (acc, m, l, carry))
 
     empty = (l == 0.0) | ~live
