@@ -108,6 +108,20 @@ def test_cope_bench_records_out_of_memory(monkeypatch):
     assert "| OOM |" in cope.table([rec])
 
 
+def test_cope_bench_flags_a_wrong_kernel(monkeypatch):
+    from experiments.bench import cope
+
+    real = cope._impl
+    wrong = lambda q, k, v, pos_emb: v  # noqa: E731 - attention that ignores q and k
+    monkeypatch.setattr(
+        cope, "_impl", lambda name, *a: wrong if name == cope.OURS else real(name, *a)
+    )
+    shape = cope.CopeShape(2, 16, 2, 16, 8)
+    for pass_ in cope.PASSES:
+        rec = cope.measure(cope.OURS, shape, pass_, 1, "cpu")
+        assert rec.status == "wrong" and rec.ms is None and "relative error" in rec.error
+
+
 def test_benches_default_outside_committed_results(capsys):
     from experiments import bench_kernels
     from experiments.bench.common import default_out
