@@ -35,16 +35,19 @@ class DecodePartials(NamedTuple):
 
 
 def _safe_divide(o: jax.Array, l: jax.Array) -> jax.Array:
-    """o / l per row, zeros where l == 0 (rows with no valid key)."""
-    positive = l > 0
-    return jnp.where(positive[..., None], o / jnp.where(positive, l, 1.0)[..., None], 0.0)
+    """o / l per row: zeros where l == 0 (rows with no valid key), and a row with any NaN or inf
+    (a non-finite input at a valid key) all NaN."""
+    empty = l == 0
+    out = jnp.where(empty[..., None], 0.0, o / jnp.where(empty, 1.0, l)[..., None])
+    return jnp.where(jnp.all(jnp.isfinite(out), axis=-1, keepdims=True), out, jnp.nan)
 
 
 def combine_online(partials: DecodePartials) -> jax.Array:
     """Flash-Decoding combine: rescale split j by e^{shift_j - max_j shift_j}, then Σo / Σl.
 
     Exact for any mix of shifts (online splits, unified splits, recomputed splits). Returns
-    float32 [batch, kv_heads, group, head_dim]; rows with no valid key are zeros.
+    float32 [batch, kv_heads, group, head_dim]; rows with no valid key are zeros, rows with a
+    non-finite partial NaN.
     """
     o, l, shift = partials.o, partials.l, partials.shift
     top = jnp.max(shift, axis=2, keepdims=True)  # [B, K, 1, G]
@@ -88,7 +91,7 @@ def unified_fallback_flags(
     row_max = jnp.max(partials.m, axis=2)  # [B, K, G]
     shifted = row_max - phi
     has_keys = row_max > -jnp.inf
-    out_of_window = (shifted >= hi) | (shifted <= lo)
+    out_of_window = ~((shifted > lo) & (shifted < hi))  # also a NaN φ
     not_finite = ~jnp.all(jnp.isfinite(unified_out), axis=-1)
     return has_keys & (out_of_window | not_finite)
 

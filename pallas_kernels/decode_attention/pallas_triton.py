@@ -87,16 +87,18 @@ def _decode_kernel(
         return b * LOG2E
 
     def logits(i):  # [rows, block_k] (group) or [block_k] (vector), log2 units
+        # Keys past the length are never loaded (they read as 0) and get -inf. A non-finite
+        # logit of a valid key (from q, k or bias) becomes NaN: exp2 would weigh -inf 0.
         k, valid = load(k_ref, i)
         if vector:
             s = jnp.sum(k.astype(jnp.float32) * q[None, :], axis=1)
             if has_bias:
                 s = s + bias(i)
-            return jnp.where(valid, s, -jnp.inf)
+            return jnp.where(valid, jnp.where(jnp.isfinite(s), s, jnp.nan), -jnp.inf)
         s = pltriton.dot(q, k, trans_b=True, precision=precision) * scale_log2
         if has_bias:
             s = s + bias(i)
-        return jnp.where(valid[None, :], s, -jnp.inf)
+        return jnp.where(valid[None, :], jnp.where(jnp.isfinite(s), s, jnp.nan), -jnp.inf)
 
     def pv(i, p):  # [rows, head_dim] (group) or [head_dim] (vector)
         v, _ = load(v_ref, i)
@@ -144,7 +146,8 @@ def _decode_kernel(
             lo, hi = window
             shifted = (m - phi2) * LN2
             total = jnp.sum(acc, axis=-1) + l
-            bad = (m > -jnp.inf) & ((shifted >= hi) | (shifted <= lo) | ~(jnp.abs(total) < jnp.inf))
+            exact = (shifted > lo) & (shifted < hi) & (jnp.abs(total) < jnp.inf)  # False on NaN
+            bad = (m > -jnp.inf) & ~exact
             any_bad = bad if vector else jnp.max(bad.astype(jnp.int32)) > 0
 
             def redo():
@@ -156,11 +159,14 @@ def _decode_kernel(
                 )
 
             acc, l, shift = lax.cond(any_bad, redo, lambda: (acc, l, shift))
-        shift = jnp.where(m > -jnp.inf, shift, -jnp.inf)  # an empty split must weigh nothing
+        shift = jnp.where(m == -jnp.inf, -jnp.inf, shift)  # an empty split must weigh nothing
 
     if final:  # one split: normalise here, no combine step
-        positive = l > 0
-        acc = jnp.where(_col(positive), acc / _col(jnp.where(positive, l, 1.0)), 0.0)
+        empty = l == 0.0  # no valid key; a NaN l is a NaN row
+        acc = jnp.where(_col(empty), 0.0, acc / _col(jnp.where(empty, 1.0, l)))
+        # A non-finite value leaves inf or NaN in its columns only: the whole row is NaN.
+        finite = jnp.min(jnp.where(jnp.isfinite(acc), 1, 0), axis=-1) > 0
+        acc = jnp.where(_col(finite), acc, jnp.nan)
     if vector:
         o_ref[...] = acc.astype(o_ref.dtype)
         l_ref[...] = l

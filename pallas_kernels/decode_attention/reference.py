@@ -9,19 +9,24 @@ from pallas_kernels.decode_attention.combine import DecodePartials
 
 
 def _grouped(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, scale: float, bias=None):
-    """Scaled logits [B, K, G, S] (+ bias [B, H, S]) and values [B, K, S, D] in float32."""
+    """Scaled logits [B, K, G, S] (+ bias [B, H, S]) and values [B, K, S, D] in float32.
+
+    A NaN or inf in q, in a key or value, in the bias or in a logit makes that logit NaN; the
+    values come back with NaN and inf zeroed, so a masked key's value never meets 0·NaN.
+    """
     batch, heads, head_dim = q.shape
     kv_heads = k_cache.shape[2]
     qg = q.astype(jnp.float32).reshape(batch, kv_heads, heads // kv_heads, head_dim)
-    s = (
-        jnp.einsum(
-            "bkgd,bskd->bkgs", qg, k_cache.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
-        )
-        * scale
-    )
+    k, v = k_cache.astype(jnp.float32), v_cache.astype(jnp.float32)
+    q_ok = jnp.all(jnp.isfinite(qg), axis=-1)[..., None]  # [B, K, G, 1]
+    kv_ok = jnp.all(jnp.isfinite(k) & jnp.isfinite(v), axis=-1)  # [B, S, K]
+    kv_ok = jnp.swapaxes(kv_ok, 1, 2)[:, :, None, :]  # [B, K, 1, S]
+    qg, k, v = (jnp.where(jnp.isfinite(x), x, 0.0) for x in (qg, k, v))
+    s = jnp.einsum("bkgd,bskd->bkgs", qg, k, precision=jax.lax.Precision.HIGHEST) * scale
     if bias is not None:
         s = s + bias.astype(jnp.float32).reshape(s.shape)
-    return s, jnp.swapaxes(v_cache.astype(jnp.float32), 1, 2)
+    s = jnp.where(q_ok & kv_ok & jnp.isfinite(s), s, jnp.nan)
+    return s, jnp.swapaxes(v, 1, 2)
 
 
 def decode_attention_reference(
@@ -46,18 +51,21 @@ def decode_attention_reference(
         position term of the new token against every cached key).
 
     Returns:
-      [batch, heads, head_dim] in q.dtype; rows with lengths == 0 are zeros.
+      [batch, heads, head_dim] in q.dtype; rows with lengths == 0 are zeros. A NaN or inf in q,
+      in a valid key or value, or in the bias of a valid key makes the row NaN; keys past
+      lengths[b] never matter, whatever they hold.
     """
     batch, heads, head_dim = q.shape
     scale = head_dim**-0.5 if scale is None else scale
     s, v = _grouped(q, k_cache, v_cache, scale, bias)
     valid = jnp.arange(k_cache.shape[1])[None, :] < lengths[:, None]  # [B, S]
-    s = jnp.where(valid[:, None, None, :], s, -jnp.inf)
+    valid = valid[:, None, None, :]  # [B, 1, 1, S]
+    s = jnp.where(valid, s, -jnp.inf)
     m = jnp.max(s, axis=-1, keepdims=True)
-    p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
-    l = jnp.sum(p, axis=-1)
+    p = jnp.where(valid, jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
+    l = jnp.sum(p, axis=-1)  # 0 with no valid key, NaN with a non-finite one
     o = jnp.einsum("bkgs,bksd->bkgd", p, v, precision=jax.lax.Precision.HIGHEST)
-    o = jnp.where((l > 0)[..., None], o / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
+    o = jnp.where((l == 0)[..., None], 0.0, o / jnp.where(l == 0, 1.0, l)[..., None])
     return o.reshape(batch, heads, head_dim).astype(q.dtype)
 
 
@@ -96,7 +104,8 @@ def decode_partials_reference(
         shift = jnp.broadcast_to(phi[None, :, None, :], m.shape)
     else:
         raise ValueError(f"softmax must be 'online' or 'unified_max', got {softmax!r}")
-    p = jnp.exp(s - shift[..., None])
+    valid = valid.reshape(batch, 1, splits, 1, split_len)  # [B, 1, n, 1, L]
+    p = jnp.where(valid, jnp.exp(s - shift[..., None]), 0.0)
     o = jnp.einsum("bkngl,bknld->bkngd", p, v, precision=jax.lax.Precision.HIGHEST)
-    shift = m if softmax == "online" else jnp.where(m > -jnp.inf, shift, -jnp.inf)
+    shift = m if softmax == "online" else jnp.where(m == -jnp.inf, -jnp.inf, shift)
     return DecodePartials(o=o, l=jnp.sum(p, axis=-1), m=m, shift=shift)

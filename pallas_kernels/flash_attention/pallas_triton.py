@@ -61,6 +61,16 @@ def _q_block_id(causal: bool, num_q_blocks: int):
     return _q_block_map(causal, num_q_blocks)(pl.program_id(0))
 
 
+def _finite_rows(x: jax.Array) -> jax.Array:
+    """[rows, D] -> [rows] bool: the row holds no NaN or inf."""
+    return jnp.min(jnp.where(jnp.isfinite(x), 1, 0), axis=1) > 0
+
+
+def _finite_or_zero(x: jax.Array) -> jax.Array:
+    """x with its NaN and inf entries zeroed (operands of products over masked pairs)."""
+    return jnp.where(jnp.isfinite(x), x, 0)
+
+
 def _mask(rows, cols, length, *, causal: bool, offset: int):
     """[rows, cols] validity: key inside `length` and (causal) not after the query."""
     valid = cols[None, :] < length
@@ -96,18 +106,25 @@ def _forward_kernel(
     def body(kv_block, carry, *, masked: bool):
         acc, m_prev, l_prev = carry
         k = k_ref[pl.ds(kv_block * block_k, block_k), :]  # [block_k, D]
+        v = v_ref[pl.ds(kv_block * block_k, block_k), :]  # [block_k, D]
         s = _dot(q, k, trans_b=True) * qk_scale  # [block_q, block_k], log2 domain
         if masked:
             cols = kv_block * block_k + jnp.arange(block_k)
             valid = _mask(rows, cols, length, causal=causal, offset=offset)
-            s = jnp.where(valid, s, MASK_VALUE)
+            # A masked key may hold anything: its non-finite values are zeroed (p = 0 times NaN
+            # would still be NaN) and an allowed pair reading a zeroed value gets a NaN logit.
+            v_ok = _finite_rows(v)  # [block_k]
+            v = jnp.where(v_ok[:, None], v, 0)
+            s = jnp.where(valid, jnp.where(v_ok[None, :], s, jnp.nan), MASK_VALUE)
+        # exp2 would weigh a -inf logit (from an infinite q or k) 0; NaN and +inf logits
+        # already end as NaN rows, so a -inf one must too.
+        s = jnp.where(s > -jnp.inf, s, jnp.nan)
         m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))  # [block_q]
         alpha = jnp.exp2(m_prev - m_next)
         p = jnp.exp2(s - m_next[:, None])
         if masked:
             p = jnp.where(valid, p, 0.0)
         l_next = l_prev * alpha + jnp.sum(p, axis=1)
-        v = v_ref[pl.ds(kv_block * block_k, block_k), :]  # [block_k, D]
         acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
         return acc, m_next, l_next
 
@@ -121,10 +138,15 @@ def _forward_kernel(
     )
     carry = lax.fori_loop(0, full, functools.partial(body, masked=False), carry)
     acc, m, l = lax.fori_loop(full, hi, functools.partial(body, masked=True), carry)
-    empty = l == 0.0
+    empty = l == 0.0  # no allowed key (a NaN l is a NaN row, not an empty one)
     l_safe = jnp.where(empty, 1.0, l)
-    o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(empty, -jnp.inf, (m + jnp.log2(l_safe)) / LOG2E)
+    out = acc / l_safe[:, None]
+    # A non-finite value at an allowed key of an unmasked block leaves inf or NaN in its
+    # columns only; the whole row becomes NaN, as in the masked blocks.
+    ok = _finite_rows(out)  # [block_q]
+    o_ref[...] = jnp.where(ok[:, None], out, jnp.nan).astype(o_ref.dtype)
+    lse = jnp.where(ok, (m + jnp.log2(l_safe)) / LOG2E, jnp.nan)
+    lse_ref[...] = jnp.where(empty, -jnp.inf, lse)
 
 
 def forward(
@@ -216,6 +238,8 @@ def _dq_kernel(
     def body(kv_block, dq, *, masked: bool):
         k = k_ref[pl.ds(kv_block * block_k, block_k), :]  # [block_k, D]
         v = v_ref[pl.ds(kv_block * block_k, block_k), :]  # [block_k, D]
+        if masked:  # keep 0·NaN of masked keys out of ds and dq; allowed ones left NaN lse
+            k, v = _finite_or_zero(k), _finite_or_zero(v)
         s = _dot(q, k, trans_b=True) * qk_scale  # [block_q, block_k]
         p = jnp.exp2(s - lse2[:, None])
         if masked:
@@ -258,8 +282,10 @@ def _dkv_kernel(
     length = length_ref[...]
     q_len = q_ref.shape[0]
     num_q_blocks = q_len // block_q
-    k = k_ref[...]  # [block_k, D]
-    v = v_ref[...]  # [block_k, D]
+    # A key of this block that no query is allowed to see gets exact zero gradients even if
+    # it holds NaN; one that is allowed made its rows' lse NaN, and they stay NaN.
+    k = _finite_or_zero(k_ref[...])  # [block_k, D]
+    v = _finite_or_zero(v_ref[...])  # [block_k, D]
     qk_scale = scale * LOG2E
     cols = kv_block * block_k + jnp.arange(block_k)  # [block_k]
 
@@ -281,14 +307,19 @@ def _dkv_kernel(
         do = do_ref[q_rows, g, :]  # [block_q, D]
         lse2 = lse_ref[g, q_rows] * LOG2E  # [block_q]
         delta = delta_ref[g, q_rows]  # [block_q]
+        if masked:  # a NaN query row must not reach the keys it may not see
+            q = _finite_or_zero(q)
         s = _dot(q, k, trans_b=True) * qk_scale  # [block_q, block_k]
         p = jnp.exp2(s - lse2[:, None])
         if masked:
             rows = q_block * block_q + jnp.arange(block_q)
-            p = jnp.where(_mask(rows, cols, length, causal=causal, offset=offset), p, 0.0)
+            valid = _mask(rows, cols, length, causal=causal, offset=offset)
+            p = jnp.where(valid, p, 0.0)
         dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)  # [block_k, D]
         dp = _dot(do, v, trans_b=True)  # [block_q, block_k]
         ds = p * (dp - delta[:, None])
+        if masked:  # delta is NaN on a NaN row
+            ds = jnp.where(valid, ds, 0.0)
         dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)  # [block_k, D]
         return dk, dv
 

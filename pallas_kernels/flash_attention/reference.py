@@ -28,8 +28,11 @@ def attention_reference(
       scale: logit scale, `1/sqrt(D)` by default.
 
     Returns:
-      out: [B, T, H, D] in `q.dtype`. Rows that see no key at all are 0.
-      lse: [B, H, T] fp32 natural-log sum of exp of the scaled logits (-inf for empty rows).
+      out: [B, T, H, D] in `q.dtype`. Rows that see no key at all are 0. A NaN or inf in q, k
+        or v at an allowed pair makes the whole row NaN; masked keys never matter, whatever
+        they hold (they are cut with `where`: 0·NaN would still be NaN).
+      lse: [B, H, T] fp32 natural-log sum of exp of the scaled logits (-inf for empty rows,
+        NaN for NaN rows).
     """
     batch, q_len, heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
@@ -39,8 +42,13 @@ def attention_reference(
     qf = q.astype(jnp.float32).reshape(batch, q_len, kv_heads, group, head_dim)
     kf = k.astype(jnp.float32)
     vf = v.astype(jnp.float32)
+    q_ok = jnp.all(jnp.isfinite(qf), axis=-1).transpose(0, 2, 3, 1)[..., None]  # [B, K, G, T, 1]
+    kv_ok = jnp.all(jnp.isfinite(kf) & jnp.isfinite(vf), axis=-1)  # [B, S, K]
+    kv_ok = kv_ok.transpose(0, 2, 1)[:, :, None, None, :]  # [B, K, 1, 1, S]
+    qf, kf, vf = (jnp.where(jnp.isfinite(x), x, 0.0) for x in (qf, kf, vf))
     # [B, K, G, T, S]
     logits = jnp.einsum("btkgd,bskd->bkgts", qf, kf, precision="highest") * scale
+    logits = jnp.where(q_ok & kv_ok & jnp.isfinite(logits), logits, jnp.nan)
     valid = jnp.ones((batch, 1, 1, q_len, kv_len), dtype=bool)
     cols = jnp.arange(kv_len)
     if lengths is not None:
