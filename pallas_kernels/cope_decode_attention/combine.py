@@ -17,7 +17,8 @@ def split_carries(gate_totals: jax.Array) -> jax.Array:
     """
     totals = gate_totals.astype(jnp.float32)
     inclusive = jnp.flip(jnp.cumsum(jnp.flip(totals, axis=2), axis=2), axis=2)
-    return inclusive - totals
+    # Shifted by one split rather than inclusive - totals: no cancellation.
+    return jnp.concatenate([inclusive[:, :, 1:], jnp.zeros_like(totals[:, :, :1])], axis=2)
 
 
 def splits_to_recompute(
