@@ -1,12 +1,17 @@
-"""Loading `configs/<task>.py:<variant>` files and applying `--config.a.b=value` overrides."""
+"""Loading `configs/<task>.py:<variant>` files, applying `--config.a.b=value` overrides and
+checking the training and evaluation fields."""
 
 from __future__ import annotations
 
 import ast
 import importlib.util
+import math
 from pathlib import Path
 
 import ml_collections
+
+OPTIMIZERS = ("adam", "adamw")
+SCHEDULES = ("constant", "cosine")
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
@@ -17,7 +22,16 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
         raise ValueError(f"config file {path!r} not found")
     module_spec = importlib.util.spec_from_file_location(f"_config_{file.stem}", file)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    try:
+        module_spec.loader.exec_module(module)
+    except SyntaxError as error:
+        raise ValueError(
+            f"config file {path!r} has a syntax error at line {error.lineno}: {error.msg}"
+        ) from None
+    except Exception as error:  # noqa: BLE001 - any failure while running the file is its own
+        raise ValueError(
+            f"config file {path!r} failed to load ({type(error).__name__}: {error})"
+        ) from None
     if not hasattr(module, "get_config"):
         raise ValueError(f"config file {path!r} has no get_config(arg) function")
     return module.get_config(arg or None)
@@ -90,3 +104,52 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
             rest.append(arg)
         i += 1
     return overrides, rest
+
+
+def _check(field: str, value, what: str, ok) -> None:
+    """One ValueError naming `field` unless `value` is a finite number (an int where `what` says
+    so) for which ok(value) holds."""
+    kind = int if what.startswith("an integer") else (int, float)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, kind)
+        or not math.isfinite(value)
+        or not ok(value)
+    ):
+        raise ValueError(f"config field {field} must be {what}, got {value!r}")
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Checks the train.* and eval.* fields before anything is built or written: one ValueError
+    naming the first bad field. Model fields are checked by ModelConfig, task options by the
+    task."""
+    rules = {
+        "an integer >= 1": (lambda v: v >= 1, "train.steps", "train.batch_size",
+                            "train.keep_checkpoints", "eval.batch_size", "eval.num_examples",
+                            "eval.final_num_examples"),
+        # An interval of 0 means "at the last step only"; 0 warm-up steps means none.
+        "an integer >= 0": (lambda v: v >= 0, "train.warmup_steps", "train.log_every",
+                            "train.eval_every", "train.checkpoint_every", "train.seed",
+                            "eval.seed"),
+        # grad_clip 0: no clipping.
+        "a number >= 0": (lambda v: v >= 0, "train.learning_rate", "train.weight_decay",
+                          "train.grad_clip"),
+        "a number in [0, 1)": (lambda v: 0 <= v < 1, "train.b1", "train.b2"),
+        # eps = 0 divides 0 by 0 for every parameter whose gradient is exactly zero.
+        "a number > 0": (lambda v: v > 0, "train.eps"),
+    }  # fmt: skip
+    for what, (ok, *fields) in rules.items():
+        for field in fields:
+            section, name = field.split(".")
+            _check(field, config[section][name], what, ok)
+    train = config.train
+    if train.optimizer not in OPTIMIZERS:
+        raise ValueError(
+            f"config field train.optimizer must be one of {OPTIMIZERS}, got {train.optimizer!r}"
+        )
+    if train.schedule not in SCHEDULES:
+        raise ValueError(
+            f"config field train.schedule must be one of {SCHEDULES}, got {train.schedule!r}"
+        )
+    if not isinstance(train.fsdp, bool):
+        raise ValueError(f"config field train.fsdp must be True or False, got {train.fsdp!r}")

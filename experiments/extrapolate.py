@@ -67,6 +67,11 @@ def extrapolate_run(
         cannot run at that length (absolute PE past its table), dict(factor, eval_seq_len,
         error).
     """
+    for name, value in (("batch_size", batch_size), ("num_examples", num_examples)):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     workdir = Path(workdir)
     config = load_run_config(workdir)
     if config.task.name != "wikitext":
@@ -75,7 +80,7 @@ def extrapolate_run(
     train_len = train_task.seq_len(train_task.train_split)
     ts, model_cfg, step = restore_run(workdir, config, train_task)
     eval_step = make_eval_step(ts)
-    rows_at_train_len = batch_size or config.eval.batch_size
+    rows_at_train_len = config.eval.batch_size if batch_size is None else batch_size
 
     lengths = []
     for factor in factors:
@@ -89,7 +94,12 @@ def extrapolate_run(
         entry: dict[str, Any] = {"factor": float(factor), "eval_seq_len": eval_len}
         try:
             metrics = evaluate(
-                task, ts, eval_step, eval_config, num_examples or task.num_examples(split), (split,)
+                task,
+                ts,
+                eval_step,
+                eval_config,
+                task.num_examples(split) if num_examples is None else num_examples,
+                (split,),
             )[split]
         except ValueError as error:
             if ABSOLUTE_TABLE_ERROR not in str(error):

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments import paper
-from experiments.configlib import apply_override, load_config
+from experiments.configlib import apply_override, check_config, load_config
 from experiments.metrics import read_metrics, saved_steps
 
 
@@ -327,7 +327,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--per-gpu must be >= 0")
     gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
     root = Path(args.root)
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a file in the way, or no permission
+        print(f"error: --root {root} cannot be a directory ({error.strerror})", file=sys.stderr)
+        return 2
     names = [run_name(spec) for spec in args.config]
     if len(set(names)) != len(names):
         parser.error(f"two --config give the same run directory: {names}")
@@ -337,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
             config = load_config(spec)
             for override in args.override:
                 apply_override(config, override)
+            check_config(config)
             steps[name] = config.train.steps
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -7,6 +7,21 @@ and a final `results.json`. Rerunning the same command resumes from the latest c
 
 from __future__ import annotations
 
+import signal
+import sys
+
+if __name__ == "__main__":
+    # The imports below take seconds (jax); SIGTERM meanwhile (a sweep's deadline) gets the same
+    # exit code as during set-up, before anything is written.
+    def _stopped_while_starting(signum, frame):
+        print(
+            "stopped by SIGTERM before training (while starting); rerun the same command to resume",
+            file=sys.stderr,
+        )
+        raise SystemExit(3)
+
+    signal.signal(signal.SIGTERM, _stopped_while_starting)
+
 import argparse
 import contextlib
 import dataclasses
@@ -14,10 +29,9 @@ import json
 import math
 import os
 import re
-import signal
-import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +48,7 @@ from tqdm.auto import tqdm
 from cope.model import ModelConfig, Transformer
 from experiments import sharding
 from experiments.checkpointing import Checkpoints, abstract_like
-from experiments.configlib import apply_override, load_config, split_overrides
+from experiments.configlib import apply_override, check_config, load_config, split_overrides
 from experiments.metrics import read_metrics, saved_steps
 from experiments.tasks import Task, finalize, make_task
 
@@ -42,7 +56,8 @@ OPTIONAL_MODEL_INTS = ("num_kv_heads", "mlp_dim", "npos", "rel_max_distance")
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or inf; the last good checkpoint is kept."""
+    """The loss, parameters or optimizer state became NaN or inf; every checkpoint kept is
+    finite."""
 
 
 class TrainingStopped(RuntimeError):
@@ -88,19 +103,32 @@ def stop_on_sigterm():
 # ---------------------------------------------------------------------------------------------
 
 
-def check_sizes(config: ml_collections.ConfigDict, num_devices: int) -> None:
-    """Step and batch fields, checked before anything is built or written: one ValueError
-    naming the field. Batches are split over the devices, so they must divide evenly."""
-    for field in ("train.steps", "train.batch_size", "eval.batch_size"):
+def check_train_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """The train and eval fields (configlib.check_config), checked before anything is built or
+    written: one ValueError naming the field. Batches are split over the devices, so they must
+    divide evenly."""
+    check_config(config)
+    for field in ("train.batch_size", "eval.batch_size"):
         section, name = field.split(".")
         value = config[section][name]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"config field {field} must be an integer >= 1, got {value!r}")
-        if name == "batch_size" and value % num_devices:
+        if value % num_devices:
             raise ValueError(
                 f"config field {field}={value} is not divisible by the {num_devices} devices "
                 "it is split over (data parallel)"
             )
+
+
+def check_workdir(workdir: Path) -> None:
+    """The run directory must be a directory, or creatable: one ValueError otherwise."""
+    for path in (workdir, *workdir.absolute().parents):
+        if not path.exists():
+            continue
+        if not path.is_dir():
+            where = "is a file" if path == workdir else f"is under {path}, which is a file"
+            raise ValueError(f"workdir {workdir} {where}; pass a directory as --workdir")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ValueError(f"workdir {workdir}: {path} is not writable")
+        return
 
 
 def build_task(config: ml_collections.ConfigDict) -> Task:
@@ -124,7 +152,7 @@ def learning_rate_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
         raise ValueError(
             f"config field train.schedule must be 'constant' or 'cosine', got {train.schedule!r}"
         )
-    warmup = max(int(train.warmup_steps), 0)
+    warmup = int(train.warmup_steps)
     if train.schedule == "constant":
         main = optax.constant_schedule(train.learning_rate)
     else:
@@ -191,8 +219,32 @@ def init_train_state(
     return TrainState(graphdef, rng_state, state, shardings, mesh)
 
 
-def make_train_step(ts: TrainState, seed: int):
-    """The jitted step (state, batch, step) -> (state, loss); state is donated."""
+def all_finite(tree) -> jax.Array:
+    """True when every float leaf of `tree` is free of NaN and inf (a scalar bool)."""
+    flags = [
+        jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)
+    ]
+    return jnp.stack(flags).all() if flags else jnp.bool_(True)
+
+
+def make_finite_check(ts: TrainState):
+    """state -> None when every parameter and optimizer-state value is finite, else the reason:
+    the `check` for restoring a checkpoint (a non-finite one can only produce NaN)."""
+    finite = jax.jit(all_finite, out_shardings=NamedSharding(ts.mesh, P()))
+
+    def check(state) -> str | None:
+        return (
+            None if bool(finite(state)) else "non-finite (NaN or inf parameters or optimizer state)"
+        )
+
+    return check
+
+
+def make_train_step(ts: TrainState, seed: int, *, check_finite: bool = False):
+    """The jitted step (state, batch, step) -> (state, loss); state is donated. `loss` is the
+    batch's, computed before the update. With `check_finite` it returns (state, loss, finite):
+    whether the updated parameters and optimizer state are all finite (training checks it
+    before calling a state good)."""
     dropout_key = jax.random.key(seed + 2)
     batch_sharding = sharding.batch_sharding(ts.mesh)
 
@@ -209,12 +261,14 @@ def make_train_step(ts: TrainState, seed: int):
         loss, grads = nnx.value_and_grad(loss_fn)(model)
         optimizer.update(model, grads)
         _, _, new_state = nnx.split((model, optimizer), nnx.RngState, ...)
+        if check_finite:
+            return new_state, loss, all_finite(new_state)
         return new_state, loss
 
     step = jax.jit(
         step_fn,
         in_shardings=(ts.shardings, None, batch_sharding, None),
-        out_shardings=(ts.shardings, None),
+        out_shardings=(ts.shardings, None, None) if check_finite else (ts.shardings, None),
         donate_argnums=0,
     )
     return lambda state, batch, i: step(state, ts.rng_state, batch, i)
@@ -279,15 +333,24 @@ class MetricsLog:
         self.file = self.writer = None
         if jax.process_index() != 0:  # process 0 writes the run directory's logs
             return
-        if self.path.exists():  # drop records past the checkpoint we resume from
+        if self.path.exists():
+            # Records past the checkpoint we resume from are redone, and so is a final
+            # evaluation; a torn last line is dropped by read_metrics (with a warning).
             kept = [
-                line
-                for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step
+                record
+                for record in read_metrics(workdir)
+                if record.get("step", 0) <= resume_step and "final" not in record
             ]
             partial = self.path.with_suffix(".jsonl.tmp")  # a kill now must not erase history
-            partial.write_text("".join(line + "\n" for line in kept))
+            partial.write_text("".join(json.dumps(record) + "\n" for record in kept))
             os.replace(partial, self.path)
+        elif resume_step > 0:
+            warnings.warn(
+                f"{self.path} is missing although the run resumes from step {resume_step}: the "
+                f"records of steps 1..{resume_step} are lost (throughput then counts only the "
+                "intervals logged from now on)",
+                stacklevel=2,
+            )
         self.file = self.path.open("a")
         from tensorboardX import SummaryWriter
 
@@ -328,12 +391,17 @@ def _flatten(record: dict, prefix: str = "") -> dict:
     return out
 
 
-def check_run_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
-    """Writes config.json, or refuses to resume a run that was started with another config."""
+def refuse_other_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
+    """Refuses to resume a run that was started with another config (reads config.json)."""
     path = workdir / "config.json"
     current = json.loads(config.to_json_best_effort())
     if path.exists():
-        saved = json.loads(path.read_text())
+        try:
+            saved = json.loads(path.read_text())
+        except ValueError as error:
+            raise ValueError(
+                f"{path} is not valid JSON ({error}); restore it or use a new --workdir"
+            ) from None
         resumable = {
             "train": {"steps", "eval_every", "log_every", "checkpoint_every"},
             "eval": {"num_examples", "final_num_examples", "batch_size"},
@@ -349,8 +417,14 @@ def check_run_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
                 f"{workdir} holds a run with a different config ({', '.join(sorted(differ)[:5])}"
                 "); use a new --workdir or the same config to resume"
             )
+
+
+def write_run_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
+    """Writes config.json (process 0; atomically, since the other processes read it)."""
     if jax.process_index() == 0:
-        path.write_text(json.dumps(current, indent=2))
+        partial = workdir / "config.json.tmp"
+        partial.write_text(json.dumps(json.loads(config.to_json_best_effort()), indent=2))
+        os.replace(partial, workdir / "config.json")
 
 
 def interval_steps(every: int, total: int) -> set[int]:
@@ -375,6 +449,13 @@ def train_and_evaluate(
     checkpoints/ and results.json. A run whose checkpoint is at the last step only re-does the
     final evaluation.
 
+    Everything is checked before the first file is written: the config's fields, the model,
+    optimizer and task it builds, `workdir` itself, and on resume that the config matches
+    config.json and that no checkpoint is past train.steps (ValueError, one line). An unusable
+    checkpoint (unreadable, or non-finite) is renamed `<step>.unusable` with a warning and the
+    previous one is used. A NaN or inf loss, parameter or optimizer-state value raises
+    TrainingDiverged naming the step; only finite states are ever checkpointed.
+
     SIGTERM raises TrainingStopped: during training after saving a checkpoint of the current
     step, during set-up before training starts (nothing is lost). Once the last step is done the
     final evaluation is finished and results.json written first (its checkpoint exists anyway).
@@ -390,22 +471,33 @@ def _train_and_evaluate(
     progress: bool,
     stop_requested: list[int],
 ) -> dict[str, Any]:
-    check_sizes(config, len(devices) if devices else jax.device_count())
-    workdir.mkdir(parents=True, exist_ok=True)
-    check_run_config(workdir, config)
+    check_train_config(config, len(devices) if devices else jax.device_count())
+    check_workdir(workdir)
+    refuse_other_config(workdir, config)
     task = build_task(config)
     model_cfg = build_model_config(config, task)
-    ts = init_train_state(config, model_cfg, devices)
+    ts = init_train_state(config, model_cfg, devices)  # builds the optimizer and schedule
     train_cfg = config.train
+    workdir.mkdir(parents=True, exist_ok=True)
     checkpoints = Checkpoints(workdir / "checkpoints", keep=train_cfg.keep_checkpoints)
 
     start_step = 0
-    restored = checkpoints.restore_latest(abstract_like(ts.state, ts.shardings))
+    restored = checkpoints.restore_latest(
+        abstract_like(ts.state, ts.shardings), check=make_finite_check(ts), set_aside=True
+    )
     if restored is not None:
         start_step, ts.state, _ = restored
+        if start_step > train_cfg.steps:
+            checkpoints.close()
+            raise ValueError(
+                f"{workdir} has a checkpoint at step {start_step}, past train.steps="
+                f"{train_cfg.steps}; rerun with --config.train.steps={start_step} or more "
+                "(python -m experiments.evaluate evaluates it), or use a new --workdir"
+            )
         print(f"resuming {workdir} from step {start_step}", file=sys.stderr)
+    write_run_config(workdir, config)
     log = MetricsLog(workdir, start_step)
-    train_step = make_train_step(ts, train_cfg.seed)
+    train_step = make_train_step(ts, train_cfg.seed, check_finite=True)
     eval_step = make_eval_step(ts)
     batch_sharding = sharding.batch_sharding(ts.mesh)
     eval_steps = interval_steps(train_cfg.eval_every, train_cfg.steps)
@@ -416,7 +508,8 @@ def _train_and_evaluate(
     num_params = sum(x.size for x in jax.tree.leaves(nnx.state(ts.model(), nnx.Param)))
     schedule = learning_rate_schedule(train_cfg)
 
-    pending: list[jax.Array] = []  # losses not yet fetched: no host sync between log steps
+    # (loss, state finite) of the steps not yet fetched: no host sync between log steps.
+    pending: list[tuple[jax.Array, jax.Array]] = []
     interval_start, interval_steps_done = time.perf_counter(), 0
     last_eval: dict[str, dict] = {}
     bar = tqdm(
@@ -430,16 +523,25 @@ def _train_and_evaluate(
     def flush(done: int) -> np.ndarray:
         """Fetches the losses since the last flush, stops on NaN/inf, logs them."""
         nonlocal pending, interval_start, interval_steps_done
-        losses = np.asarray(jax.device_get(pending))
+        fetched = jax.device_get(pending)
+        losses = np.asarray([loss for loss, _ in fetched])  # of steps done-len+1 .. done
+        finite_state = np.asarray([finite for _, finite in fetched])
         elapsed = time.perf_counter() - interval_start
         pending = []
-        if not np.isfinite(losses).all():
-            bad = done - len(losses) + int(np.argmin(np.isfinite(losses)))
+        bad = ~np.isfinite(losses) | ~finite_state
+        if bad.any():
+            i = int(np.argmax(bad))
+            what = (
+                f"loss became {losses[i]}"
+                if not np.isfinite(losses[i])
+                else f"parameters or optimizer state became NaN/inf (loss {losses[i]:.4g})"
+            )
             kept = checkpoints.steps()
             raise TrainingDiverged(
-                f"loss became {losses[~np.isfinite(losses)][0]} at step {bad}; stopped. "
-                f"Last good checkpoint: "
-                f"{workdir / 'checkpoints' / str(kept[-1]) if kept else 'none'}"
+                f"{what} at step {done - len(losses) + 1 + i}; stopped. Last good checkpoint: "
+                f"{workdir / 'checkpoints' / str(kept[-1]) if kept else 'none'} (resuming "
+                "repeats the same steps: change the config, e.g. a lower train.learning_rate, "
+                "in a new --workdir)"
             )
         tokens_per_s = tokens_per_batch * interval_steps_done / elapsed
         record = {
@@ -465,10 +567,10 @@ def _train_and_evaluate(
             )
         for step in range(start_step, train_cfg.steps):
             batch = task.train_batch(train_cfg.seed, step, train_cfg.batch_size)
-            ts.state, loss = train_step(
+            ts.state, loss, finite = train_step(
                 ts.state, sharding.global_batch(batch, batch_sharding), jnp.int32(step)
             )
-            pending.append(loss)
+            pending.append((loss, finite))
             interval_steps_done += 1
             done = step + 1
             if done in log_steps or done in ckpt_steps or done in eval_steps:
@@ -552,8 +654,19 @@ def format_results(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def one_line_warnings(message, category, filename, lineno, file=None, line=None) -> None:
+    """warnings.showwarning for the command line: `warning: <message>`, one line each."""
+    print(f"warning: {message}", file=sys.stderr if file is None else file)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    with warnings.catch_warnings():
+        warnings.showwarning = one_line_warnings
+        return _main(argv)
+
+
+def _main(argv: list[str]) -> int:
     try:
         overrides, rest = split_overrides(argv)
         parser = argparse.ArgumentParser(

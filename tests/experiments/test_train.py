@@ -2,6 +2,7 @@
 checkpoints, NaN stops, data-parallel == single device, evaluation CLI."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 
 from configs.base import VARIANTS
 from experiments import train
-from experiments.checkpointing import Checkpoints, abstract_like
+from experiments.checkpointing import Checkpoints
 from experiments.configlib import apply_override, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,6 +26,37 @@ def smoke(task, variant="cope", **overrides):
     for key, value in overrides.items():
         apply_override(config, f"{key}={value}")
     return config
+
+
+def assert_results_close(a, b, rtol: float = 1e-5, where: str = "results") -> None:
+    """Counts, strings and structure equal exactly; floats (losses, perplexities) to `rtol`.
+
+    Other device layouts or process counts sum in another order, which moves float32 results
+    at rounding level (~1e-7 relative); a real bug (a wrong gradient or batch) moves them at
+    full size, far past `rtol`. NaN never passes.
+    """
+    if isinstance(a, dict) and isinstance(b, dict):
+        assert a.keys() == b.keys(), f"{where}: keys {sorted(a)} vs {sorted(b)}"
+        for key in a:
+            assert_results_close(a[key], b[key], rtol, f"{where}.{key}")
+    elif isinstance(a, float) or isinstance(b, float):
+        assert math.isfinite(a) and math.isfinite(b), f"{where}: {a} vs {b}"
+        assert abs(a - b) <= rtol * max(abs(a), abs(b)), f"{where}: {a} vs {b} (rtol {rtol})"
+    else:
+        assert a == b, f"{where}: {a!r} vs {b!r}"
+
+
+def test_results_compare_counts_exactly_and_floats_to_rounding():
+    rng = np.random.default_rng()
+    loss = float(rng.uniform(1, 5))
+    a = {"valid": {"token_errors": 7, "tokens": 96, "loss": loss, "perplexity": math.exp(loss)}}
+    rounded = loss * (1 + 5e-8)  # the size of a reduction-order difference in float32
+    assert_results_close(
+        a, {"valid": a["valid"] | {"loss": rounded, "perplexity": math.exp(rounded)}}
+    )
+    for wrong in ({"loss": loss * 1.001}, {"token_errors": 8}, {"loss": float("nan")}):
+        with pytest.raises(AssertionError):
+            assert_results_close(a, {"valid": a["valid"] | wrong})
 
 
 def run_child(code: str, env_extra: dict | None = None, check=True) -> subprocess.CompletedProcess:
@@ -187,8 +219,8 @@ def test_sigterm_stops_cleanly_and_the_rerun_finishes_identically(tmp_path, when
         when = os.environ.get("TERM_WHEN", "")
         if when == "mid_interval":
             make = train.make_train_step
-            def make_and_wrap(ts, seed):
-                step = make(ts, seed)
+            def make_and_wrap(ts, seed, **options):
+                step = make(ts, seed, **options)
                 def wrapped(state, batch, i):
                     out = step(state, batch, i)
                     if int(i) == 6:
@@ -229,19 +261,23 @@ def test_sigterm_stops_cleanly_and_the_rerun_finishes_identically(tmp_path, when
     assert losses == [x for r in train_records(straight) for x in r["train"]["step_losses"]]
 
 
-def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path):
+def test_corrupt_latest_checkpoint_is_set_aside_and_the_rerun_finishes(tmp_path):
+    """The unreadable step-10 checkpoint is renamed (not deleted), the run resumes from 5 and
+    can save step 10 again; results equal the uninterrupted run's."""
     config = smoke("flipflop", **{"train.steps": 10, "train.checkpoint_every": 5})
-    train.train_and_evaluate(config, tmp_path, progress=False)
+    first = train.train_and_evaluate(config, tmp_path, progress=False)
+    (tmp_path / "results.json").unlink()
     for file in (tmp_path / "checkpoints" / "10" / "state").rglob("*"):
         if file.is_file():
             file.write_bytes(b"not a checkpoint")
-    task = train.build_task(config)
-    ts = train.init_train_state(config, train.build_model_config(config, task))
-    with pytest.warns(UserWarning, match="unreadable"):
-        step, _, _ = Checkpoints(tmp_path / "checkpoints", keep=3).restore_latest(
-            abstract_like(ts.state, ts.shardings)
-        )
-    assert step == 5
+    with pytest.warns(UserWarning, match="10 is unreadable.*moved to 10.unusable.*step 5") as w:
+        again = train.train_and_evaluate(config, tmp_path, progress=False)
+    assert sum("unreadable" in str(x.message) for x in w) == 1
+    assert again["final"] == first["final"]  # same process, same devices: bitwise
+    assert (tmp_path / "results.json").exists()
+    assert Checkpoints(tmp_path / "checkpoints", keep=3).steps() == [5, 10]
+    aside = tmp_path / "checkpoints" / "10.unusable" / "state"
+    assert {f.read_bytes() for f in aside.rglob("*") if f.is_file()} == {b"not a checkpoint"}
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -253,7 +289,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     monkeypatch.setattr(
         train, "masked_cross_entropy", lambda *a: (real(*a)[0] * np.nan, real(*a)[1])
     )
-    with pytest.raises(train.TrainingDiverged, match="loss became nan at step 10.*checkpoints/10"):
+    # Steps are counted from 1: step 11 is the first after the checkpoint at 10.
+    with pytest.raises(train.TrainingDiverged, match="loss became nan at step 11.*checkpoints/10"):
         train.train_and_evaluate(config, tmp_path, progress=False)
     assert Checkpoints(tmp_path / "checkpoints", keep=3).steps() == before
 
@@ -317,6 +354,9 @@ def test_evaluate_cli_reloads_the_run(tmp_path, capsys):
     assert again["step"] == 3 and again["final"] == results["final"]
     assert evaluate.main(["--workdir", str(tmp_path / "missing")]) == 2
     assert "not a run directory" in capsys.readouterr().err
+    assert evaluate.main(["--workdir", str(tmp_path), "--num_examples", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: num_examples must be an integer >= 1, got 0"]
 
 
 def test_multi_gpu_script_matches_one_device(tmp_path):
@@ -528,7 +568,8 @@ def test_two_processes_match_one_process_and_resume(tmp_path):
     launch(tmp_path / "two", 6, 2)
     one = json.loads((tmp_path / "one" / "results.json").read_text())
     two = json.loads((tmp_path / "two" / "results.json").read_text())
-    assert one["final"] == two["final"] and two["num_devices"] == 4
+    assert_results_close(one["final"], two["final"])
+    assert two["num_devices"] == 4
     losses = [np.concatenate([r["train"]["step_losses"] for r in train_records(tmp_path / d)])
               for d in ("one", "two")]  # fmt: skip
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
@@ -560,8 +601,198 @@ def test_half_specified_multi_process_launch_is_one_error(monkeypatch):
 def test_bad_sizes_are_one_error_before_anything_is_written(tmp_path, override, devices, message):
     config = smoke("flipflop", **dict([override.split("=")]))
     with pytest.raises(ValueError, match=message):
-        train.check_sizes(config, devices)
+        train.check_train_config(config, devices)
     if devices == 1:
         with pytest.raises(ValueError, match=message):
             train.train_and_evaluate(config, tmp_path / "run", progress=False)
         assert not (tmp_path / "run").exists()
+
+
+def test_sigterm_while_importing_exits_3(tmp_path):
+    """SIGTERM before train_and_evaluate installs its handler (here: as jax is imported) exits
+    with the documented code 3, not -15, and writes nothing."""
+    script = """
+        import os, runpy, signal, sys
+
+        class TermOnJaxImport:
+            def find_spec(self, name, path=None, target=None):
+                if name == "jax":
+                    sys.meta_path.remove(self)
+                    os.kill(os.getpid(), signal.SIGTERM)
+                return None
+
+        sys.meta_path.insert(0, TermOnJaxImport())
+        sys.argv = ["train", "--config", "configs/flipflop.py:cope,smoke", "--workdir",
+                    os.environ["WORKDIR"]]
+        runpy.run_module("experiments.train", run_name="__main__", alter_sys=True)
+    """
+    result = run_child(script, {"WORKDIR": str(tmp_path / "run")}, check=False)
+    assert result.returncode == 3, (result.returncode, result.stderr[-2000:])
+    assert result.stderr.strip().splitlines() == [
+        "stopped by SIGTERM before training (while starting); rerun the same command to resume"
+    ]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.optimizer=sgd", "train.optimizer must be one of ('adam', 'adamw'), got 'sgd'"),
+        ("train.schedule=linear", "train.schedule must be one of"),
+        ("train.learning_rate=-0.001", "train.learning_rate must be a number >= 0, got -0.001"),
+        ("train.learning_rate=nan", "train.learning_rate must be a number >= 0, got nan"),
+        ("train.warmup_steps=-1", "train.warmup_steps must be an integer >= 0, got -1"),
+        ("train.grad_clip=-1", "train.grad_clip must be a number >= 0, got -1.0"),
+        ("train.b1=1.0", "train.b1 must be a number in [0, 1), got 1.0"),
+        ("train.b2=-0.5", "train.b2 must be a number in [0, 1), got -0.5"),
+        ("train.eps=0", "train.eps must be a number > 0, got 0.0"),
+        ("train.weight_decay=-1", "train.weight_decay must be a number >= 0"),
+        ("train.keep_checkpoints=0", "train.keep_checkpoints must be an integer >= 1, got 0"),
+        ("train.checkpoint_every=-5", "train.checkpoint_every must be an integer >= 0"),
+        ("train.seed=-1", "train.seed must be an integer >= 0, got -1"),
+        ("eval.num_examples=0", "eval.num_examples must be an integer >= 1, got 0"),
+        ("model.num_heads=3", "ModelConfig.d_model: must be divisible by num_heads=3"),
+        ("model.dropout=1.0", "ModelConfig.dropout: must be in [0, 1)"),
+    ],
+)
+def test_nonsense_values_are_one_line_errors_before_anything_is_written(
+    tmp_path, capsys, override, message
+):
+    """Every field (train, eval, model, optimizer, schedule) is checked before the run
+    directory exists, so the corrected command is not refused as "a different config"."""
+    argv = ["--config", "configs/flipflop.py:cope,smoke", "--workdir", str(tmp_path / "run")]
+    assert train.main(argv + ["--no-progress", f"--config.{override}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "run").exists()
+
+
+def test_sweep_checks_values_before_starting_and_a_root_under_a_file(tmp_path, capsys):
+    from experiments import sweep
+
+    spec = ["--config", "configs/flipflop.py:cope,smoke"]
+    assert sweep.main(["--root", str(tmp_path / "runs"), *spec, "--override", "train.b1=2"]) == 2
+    assert "train.b1 must be a number in [0, 1), got 2.0" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "flipflop_cope_smoke").exists()
+    (tmp_path / "file").write_text("x")
+    assert sweep.main(["--root", str(tmp_path / "file" / "runs"), *spec]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--root" in err[0] and "file" in err[0], err
+
+
+def test_bad_workdir_and_config_file_are_one_line_errors(tmp_path, capsys):
+    file = tmp_path / "file"
+    file.write_text("x")
+    syntax = tmp_path / "syntax.py"
+    syntax.write_text("def get_config(arg=None):\n    return {\n")
+    broken = tmp_path / "broken.py"
+    broken.write_text("import a_module_that_does_not_exist\n")
+    cases = [
+        (["configs/flipflop.py:cope,smoke", file], f"workdir {file} is a file"),
+        (["configs/flipflop.py:cope,smoke", file / "run"], f"is under {file}, which is a file"),
+        ([syntax, tmp_path / "run"], f"config file '{syntax}' has a syntax error at line 2"),
+        ([broken, tmp_path / "run"], "failed to load (ModuleNotFoundError: No module named"),
+    ]
+    for (config, workdir), message in cases:
+        assert train.main(["--config", str(config), "--workdir", str(workdir)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    assert file.read_text() == "x" and not (tmp_path / "run").exists()
+
+
+def test_fewer_steps_torn_or_missing_metrics_on_resume(tmp_path):
+    """Fewer train.steps than the checkpoint: refused, nothing changed. A torn last line of
+    metrics.jsonl: dropped with a warning. A deleted metrics.jsonl: a warning. Each rerun
+    finishes with exactly one final record."""
+    from experiments.metrics import read_metrics
+
+    def run(steps):
+        every = {f"train.{k}_every": 2 for k in ("checkpoint", "log", "eval")}
+        config = smoke("flipflop", **{"train.steps": steps, **every})
+        return train.train_and_evaluate(config, tmp_path, progress=False)
+
+    metrics = tmp_path / "metrics.jsonl"
+    run(4)
+    before = metrics.read_text()
+    with pytest.raises(ValueError, match=r"checkpoint at step 4, past train.steps=2; rerun with "
+                       r"--config.train.steps=4 or more"):  # fmt: skip
+        run(2)
+    assert metrics.read_text() == before
+    assert json.loads((tmp_path / "config.json").read_text())["train"]["steps"] == 4
+
+    with metrics.open("a") as f:
+        f.write('{"step": 5, "train": {"loss": 0.')  # a crash mid-write
+    with pytest.warns(UserWarning, match=r"metrics.jsonl: dropped its last line 5, cut off"):
+        run(6)
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records if "train" in r] == [2, 4, 6]
+    assert [r["step"] for r in records if "final" in r] == [6]
+
+    metrics.unlink()  # the rerun of a finished run only re-evaluates
+    with pytest.warns(UserWarning, match="metrics.jsonl is missing although the run resumes "
+                      "from step 6: the records of steps 1..6 are lost"):  # fmt: skip
+        results = run(6)
+    assert results["tokens_per_s"] is None  # no training interval is left to time
+    assert [list(r) for r in read_metrics(tmp_path)] == [["step", "final"]]
+
+
+def test_metrics_log_errors_name_the_file_and_line(tmp_path):
+    from experiments.metrics import read_metrics
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2, "tr\n{"step": 3}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl line 2 is not a JSON record"):
+        read_metrics(tmp_path)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n[2]\n')
+    with pytest.warns(UserWarning, match="dropped its last line 2"):
+        assert read_metrics(tmp_path) == [{"step": 1}]
+
+
+def test_divergence_never_checkpoints_a_non_finite_state(tmp_path):
+    """learning_rate 1e39 (inf in float32): step 1's loss is finite (computed before the
+    update) but its update makes the parameters inf/NaN, so step 1 is never checkpointed."""
+    config = smoke(
+        "flipflop",
+        **{
+            "train.steps": 4,
+            "train.learning_rate": 1e39,
+            "train.schedule": "constant",
+            "train.warmup_steps": 0,
+            "train.checkpoint_every": 1,
+            "train.log_every": 1,
+        },
+    )
+    with pytest.raises(
+        train.TrainingDiverged,
+        match=r"parameters or optimizer state became NaN/inf \(loss [0-9.]+\) at step 1; "
+        r"stopped. Last good checkpoint: none",
+    ):
+        train.train_and_evaluate(config, tmp_path, progress=False)
+    assert Checkpoints(tmp_path / "checkpoints", keep=3).steps() == []
+
+
+def test_a_non_finite_checkpoint_is_skipped_and_set_aside(tmp_path):
+    """A NaN checkpoint (as an older version, or a copy, could leave) is never restored:
+    evaluate skips it and leaves it in place; training renames it and finishes."""
+    import jax
+    import jax.numpy as jnp
+
+    from experiments import evaluate
+
+    config = smoke("flipflop", **{"train.steps": 4, "train.checkpoint_every": 2})
+    first = train.train_and_evaluate(config, tmp_path, progress=False)
+    ts = train.init_train_state(config, train.build_model_config(config, train.build_task(config)))
+    checkpoints = Checkpoints(tmp_path / "checkpoints", keep=3)
+    checkpoints.manager.delete(4)
+    poisoned = jax.tree.map(
+        lambda x: x.at[(0,) * x.ndim].set(np.nan) if jnp.issubdtype(x.dtype, jnp.inexact) else x,
+        ts.state,
+    )
+    checkpoints.save(4, poisoned, {"step": 4})
+    checkpoints.close()
+    with pytest.warns(UserWarning, match=r"4 is non-finite .*; falling back to step 2"):
+        assert evaluate.evaluate_run(tmp_path)["step"] == 2
+    assert (tmp_path / "checkpoints" / "4").is_dir()
+    with pytest.warns(UserWarning, match=r"4 is non-finite .*moved to 4.unusable"):
+        again = train.train_and_evaluate(config, tmp_path, progress=False)
+    assert again["final"] == first["final"]  # same process, same devices: bitwise
+    assert Checkpoints(tmp_path / "checkpoints", keep=3).steps() == [2, 4]
