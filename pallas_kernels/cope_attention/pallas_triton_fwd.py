@@ -220,9 +220,10 @@ def cope_attention_fwd(
         (gates use k); lengths: [B] int or None (all S keys valid). Unpadded.
       causal, scale (None: 1/sqrt(D)), nodiv: as `cope.functional.cope_attention`.
       config: tiles (None: `heuristic_config`); interpret: Pallas interpret mode.
-      exact_gate_total: sum the gates of saturated tiles too. Without it (forward only) the
-        gate total of a saturated row is a partial sum, still >= npos - 1, so
-        min(gate_total, npos - 1) is exact either way.
+      exact_gate_total: sum the gates of saturated tiles too. Without it (forward only) a
+        block stops summing once all its rows reach npos - 1: a row's total is then exact if
+        below npos - 1 and some value >= npos - 1 otherwise, so min(gate_total, npos - 1)
+        is exact either way.
 
     Returns:
       out [B, T, H, D] (q.dtype); lse [B, H, T] fp32, natural log of the softmax denominator
