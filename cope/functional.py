@@ -187,7 +187,10 @@ def attention(
     Returns:
       [B, T, H, D] in q's dtype.
     """
-    check_qkv(q, k, v, lengths)
+    q, k, v, lengths = (
+        jnp.asarray(x) if isinstance(x, list | tuple) else x for x in (q, k, v, lengths)
+    )
+    check_qkv(q, k, v, lengths, bias=bias)
     _check_impl(impl)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if impl == "pallas":
@@ -305,7 +308,10 @@ def cope_attention(
     Returns:
       [B, T, H, D] in q's dtype.
     """
-    check_qkv(q, k, v, lengths)
+    q, k, v, lengths = (
+        jnp.asarray(x) if isinstance(x, list | tuple) else x for x in (q, k, v, lengths)
+    )
+    check_qkv(q, k, v, lengths, bias=bias)
     _check_impl(impl)
     if pos_emb.ndim != 2 or pos_emb.shape[1] != q.shape[-1] or pos_emb.shape[0] < 1:
         raise ValueError(

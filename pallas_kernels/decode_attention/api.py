@@ -37,8 +37,10 @@ def _validate(q, k_cache, v_cache, lengths) -> None:
             f"k_cache shape {k_cache.shape} does not match q shape {q.shape} "
             "(batch and head_dim must agree)"
         )
-    if k_cache.shape[1] < 1:
-        raise ValueError(f"k_cache max_len must be >= 1, got shape {k_cache.shape}")
+    if min(q.shape) == 0 or min(k_cache.shape) == 0:
+        raise ValueError(
+            f"empty inputs: q {q.shape}, k_cache {k_cache.shape} (max_len must be >= 1)"
+        )
     if heads % k_cache.shape[2]:
         raise ValueError(
             f"q heads ({heads}) must be a multiple of k_cache kv_heads "
@@ -102,7 +104,8 @@ def decode_attention(
         h = j·group .. (j+1)·group-1 attend kv head j and are processed together, so every
         K/V byte is read once.
       lengths: [batch] int32, valid cached keys per row (clipped to [0, max_len]); keys at
-        positions >= lengths[b] are never read. Rows with lengths == 0 return zeros.
+        positions >= lengths[b] are never read. Rows with lengths == 0 return zeros; a NaN or
+        inf in q, in a valid key or value, or in the bias of a valid key makes its rows NaN.
       scale: logit scale (a Python float), default 1/sqrt(head_dim).
       softmax: "online" (Flash-Decoding: running max per split, log-sum-exp combine) or
         "unified_max" (FlashDecoding++: every split sums e^{s-φ} and e^{s-φ}·v with no running
@@ -129,6 +132,10 @@ def decode_attention(
     Returns:
       [batch, heads, head_dim] in q's dtype.
     """
+    q, k_cache, v_cache, lengths, bias = (
+        jnp.asarray(x) if isinstance(x, list | tuple) else x
+        for x in (q, k_cache, v_cache, lengths, bias)
+    )
     _validate(q, k_cache, v_cache, lengths)
     if bias is not None:
         _validate_bias(bias, q, k_cache)

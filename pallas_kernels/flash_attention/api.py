@@ -28,14 +28,14 @@ def _validate(q, k, v, lengths) -> None:
         raise ValueError(f"q must be [B, T, H, D], got shape {q.shape}")
     if k.ndim != 4 or k.shape != v.shape:
         raise ValueError(f"k and v must be [B, S, K, D] of one shape, got {k.shape} and {v.shape}")
+    if min(q.shape) == 0 or min(k.shape) == 0:
+        raise ValueError(f"empty inputs: q {q.shape}, k {k.shape}")
     if k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
         raise ValueError(f"k {k.shape} must match q {q.shape} in batch and head_dim")
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"q heads {q.shape[2]} must be a multiple of kv heads {k.shape[2]}")
     if q.shape[3] > 256:
         raise ValueError(f"head_dim {q.shape[3]} > 256 is not supported (q shape {q.shape})")
-    if min(q.shape) == 0 or min(k.shape) == 0:
-        raise ValueError(f"empty inputs: q {q.shape}, k {k.shape}")
     if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(
             f"q, k, v must share one dtype of bf16/fp16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}"
@@ -47,6 +47,11 @@ def _validate(q, k, v, lengths) -> None:
             f"lengths must be an int array of shape ({q.shape[0]},), got "
             f"{lengths.shape} {lengths.dtype}"
         )
+
+
+def _as_arrays(q, k, v, lengths):
+    """Python lists or tuples (of numbers) become arrays; everything else is left to `_validate`."""
+    return tuple(jnp.asarray(x) if isinstance(x, list | tuple) else x for x in (q, k, v, lengths))
 
 
 def _round_up(x: int, m: int) -> int:
@@ -249,6 +254,7 @@ def flash_attention(
     Returns:
       [B, T, H, D] in q.dtype.
     """
+    q, k, v, lengths = _as_arrays(q, k, v, lengths)
     lengths, prob = _plan(
         q, k, v, causal=causal, lengths=lengths, scale=scale, interpret=interpret, tuning=tuning
     )
@@ -260,6 +266,7 @@ def flash_attention_with_lse(
 ) -> tuple[jax.Array, jax.Array]:
     """Forward only, also returning the [B, H, T] fp32 log-sum-exp (for tests and combines)."""
     tuning = {"backend": "triton", **tuning, "debug": False}
+    q, k, v, lengths = _as_arrays(q, k, v, lengths)
     lengths, prob = _plan(
         q, k, v, causal=causal, lengths=lengths, scale=scale, interpret=interpret, tuning=tuning
     )
