@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from pallas_kernels._interpret import resolve_interpret
 from pallas_kernels.cope_attention.config import ForwardConfig, heuristic_config
+from pallas_kernels.cope_attention.pallas_triton_bwd import MAX_NPOS, cope_attention_bwd
 from pallas_kernels.cope_attention.pallas_triton_fwd import cope_attention_fwd
 
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
@@ -20,7 +21,8 @@ MAX_HEAD_DIM = 256
 def why_unsupported(q, k, v, pos_emb, *, gate_k=None) -> str | None:
     """None when the kernel serves these inputs, else a one-line reason.
 
-    Covers dtype and head size only; malformed shapes are `cope_attention`'s ValueErrors.
+    Covers dtype, head size and table size (the backward's limit, since a caller may
+    differentiate); malformed shapes are `cope_attention`'s ValueErrors.
     """
     if jnp.dtype(q.dtype) not in SUPPORTED_DTYPES:
         return f"q dtype {q.dtype}: the CoPE kernel takes bfloat16, float16 or float32"
@@ -31,6 +33,8 @@ def why_unsupported(q, k, v, pos_emb, *, gate_k=None) -> str | None:
         return f"pos_emb dtype {pos_emb.dtype} is not floating"
     if q.ndim == 4 and q.shape[3] > MAX_HEAD_DIM:
         return f"head_dim {q.shape[3]} > {MAX_HEAD_DIM} (q shape {q.shape})"
+    if pos_emb.ndim == 2 and pos_emb.shape[0] > MAX_NPOS:
+        return f"npos {pos_emb.shape[0]} > {MAX_NPOS} (the backward's limit)"
     return None
 
 
@@ -104,8 +108,6 @@ def _cope_fwd(q, k, v, pos_emb, gate_k, lengths, prob: _Problem):
 
 
 def _cope_bwd(prob: _Problem, residuals, d_out):
-    from pallas_kernels.cope_attention.pallas_triton_bwd import cope_attention_bwd
-
     q, k, v, pos_emb, gate_k, lengths, out, lse, gate_total = residuals
     dq, dk, dv, dpos_emb, dgate_k = cope_attention_bwd(
         q,

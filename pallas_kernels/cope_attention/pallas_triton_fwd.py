@@ -190,10 +190,14 @@ def _pad(x: jax.Array, axis_sizes: dict[int, int]) -> jax.Array:
 def position_logits(q: jax.Array, pos_emb: jax.Array) -> jax.Array:
     """z[b, h, i, n] = q_i·e[n] in float32: [B, T, H, D] x [N, D] -> [B, H, T, N].
 
-    Computed as `cope.functional` does (pos_emb cast to q's dtype, fp32 accumulation).
+    As `cope.functional` computes it: pos_emb cast to q's dtype, fp32 accumulation.
     """
     return jnp.einsum(
-        "bthd,nd->bhtn", q, pos_emb.astype(q.dtype), preferred_element_type=jnp.float32
+        "bthd,nd->bhtn",
+        q,
+        pos_emb.astype(q.dtype),
+        precision=lax.Precision.HIGHEST,  # no tf32 for fp32 inputs
+        preferred_element_type=jnp.float32,
     )
 
 

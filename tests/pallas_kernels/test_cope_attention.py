@@ -235,6 +235,7 @@ def test_why_unsupported_and_validation():
     assert "gate_k" in why_unsupported(q, k, k, e, gate_k=k.astype(jnp.bfloat16))
     big = jnp.zeros((1, 8, 2, 512))
     assert "head_dim" in why_unsupported(big, big, big, jnp.zeros((5, 512)))
+    assert "npos" in why_unsupported(q, k, k, jnp.zeros((4096, 32)))
     with pytest.raises(ValueError, match="multiple of kv heads"):
         cope_attention(q, jnp.zeros((1, 8, 3, 32)), jnp.zeros((1, 8, 3, 32)), e)
     with pytest.raises(ValueError, match="pos_emb"):
