@@ -262,4 +262,7 @@ def _cope_decode_attention(
         recompute = splits_to_recompute(carries, lengths, npos=npos, split_len=split_len)
         exact = run(carries, recompute)
         out = combine_online(merge_recomputed(first.partials, exact, recompute))
+        # A NaN gate at a valid key makes the row NaN, also where its split ran saturated.
+        gates_ok = jnp.all(jnp.isfinite(first.gate_totals), axis=2)  # [B, K, G]
+        out = jnp.where(gates_ok[..., None], out, jnp.nan)
     return out.reshape(batch, heads, head_dim).astype(q.dtype)

@@ -117,18 +117,24 @@ def _cope_decode_kernel(
         if exact:
             suffix = pltriton.dot(gates, upper, precision=lax.Precision.HIGHEST)
             positions = jnp.minimum(carry[:, None] + suffix, top)  # [rows, block_k]
-            lower = jnp.floor(positions)
+            # A NaN gate (a non-finite gate key) must not become a wild gather index; its NaN
+            # still reaches the logit through `frac`.
+            lower = jnp.floor(jnp.where(positions >= 0.0, positions, 0.0))
             frac = positions - lower
             index = lower.astype(jnp.int32)
             z_lower = pltriton.load(z_ref.at[row_index, index], mask=gather_ok, other=0.0)
             upper_index = jnp.minimum(index + 1, npos - 1)
             z_upper = pltriton.load(z_ref.at[row_index, upper_index], mask=gather_ok, other=0.0)
+            z_upper = jnp.where(frac > 0.0, z_upper, z_lower)  # z[floor + 1] weighs 0 there
             position_term = (z_lower + frac * (z_upper - z_lower)) * pos_scale_log2
             carry = carry + jnp.sum(gates, axis=1)
         else:
             position_term = saturated_term
+        # Keys past the length are never loaded (they read as 0) and get -inf. A non-finite
+        # logit of a valid key becomes NaN: exp2 would weigh -inf 0.
         s = qk * scale_log2 + position_term
-        return jnp.where(valid[None, :], s, -jnp.inf), gates, carry
+        s = jnp.where(valid[None, :], jnp.where(jnp.isfinite(s), s, jnp.nan), -jnp.inf)
+        return s, gates, carry
 
     def pv(i, p):  # [rows, head_dim]
         v, _ = load(v_ref, i)
@@ -195,8 +201,9 @@ def _cope_decode_kernel(
         # their own max as the exponent shift.
         lo, hi = window
         shifted = (m - phi2) * LN2
-        finite = jnp.abs(jnp.sum(acc, axis=-1) + l) < jnp.inf
-        bad = row_ok & (m > -jnp.inf) & ((shifted >= hi) | (shifted <= lo) | ~finite)
+        total_ok = jnp.abs(jnp.sum(acc, axis=-1) + l) < jnp.inf
+        exact = (shifted > lo) & (shifted < hi) & total_ok  # False on NaN
+        bad = row_ok & (m > -jnp.inf) & ~exact
 
         def redo():
             acc_o, m_o, l_o, _ = run(online=True)
@@ -208,11 +215,15 @@ def _cope_decode_kernel(
 
         any_bad = jnp.max(bad.astype(jnp.int32)) > 0
         acc, l, shift = lax.cond(any_bad, redo, lambda: (acc, l, shift))
-        shift = jnp.where(m > -jnp.inf, shift, -jnp.inf)  # an empty split must weigh nothing
+        shift = jnp.where(m == -jnp.inf, -jnp.inf, shift)  # an empty split must weigh nothing
 
     if final:  # one split: normalise here, no combine step
-        positive = l > 0
-        acc = jnp.where(positive[:, None], acc / jnp.where(positive, l, 1.0)[:, None], 0.0)
+        empty = l == 0.0  # no valid key; a NaN l is a NaN row
+        acc = jnp.where(empty[:, None], 0.0, acc / jnp.where(empty, 1.0, l)[:, None])
+        # A non-finite value or gate leaves inf or NaN in some columns or in the gate total
+        # (a NaN gate left of saturation touches no logit): the whole row is NaN.
+        finite = jnp.min(jnp.where(jnp.isfinite(acc), 1, 0), axis=-1) > 0
+        acc = jnp.where((finite & jnp.isfinite(total))[:, None], acc, jnp.nan)
     pltriton.store(o_ref.at[pl.ds(0, rows), :], acc.astype(o_ref.dtype), mask=row_ok[:, None])
     pltriton.store(l_ref.at[pl.ds(0, rows)], l, mask=row_ok)
     pltriton.store(m_ref.at[pl.ds(0, rows)], m * LN2, mask=row_ok)

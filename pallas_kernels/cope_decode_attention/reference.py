@@ -57,14 +57,16 @@ def cope_decode_logits(
     gates = cope_decode_gates(q, gate_keys, lengths, scale=scale)
     positions = jnp.minimum(jnp.flip(jnp.cumsum(jnp.flip(gates, -1), -1), -1), npos - 1)
     z = position_logits(q, pos_emb).reshape(*content.shape[:3], npos)  # [B, K, G, N]
-    lower = jnp.floor(positions)
+    lower = jnp.floor(jnp.where(positions >= 0, positions, 0.0))  # a NaN gate: any index
     frac = positions - lower
     index = lower.astype(jnp.int32)
     z_lower = jnp.take_along_axis(z, index, axis=-1)
     z_upper = jnp.take_along_axis(z, jnp.minimum(index + 1, npos - 1), axis=-1)
+    z_upper = jnp.where(frac > 0, z_upper, z_lower)  # z[floor + 1] weighs 0 at integers
     position_term = z_lower + frac * (z_upper - z_lower)
     logits = content * scale + position_term if nodiv else (content + position_term) * scale
     valid = jnp.arange(k_cache.shape[1])[None, :] < lengths[:, None]  # [B, S]
+    logits = jnp.where(jnp.isfinite(logits), logits, jnp.nan)
     logits = jnp.where(valid[:, None, None, :], logits, -jnp.inf)
     return logits.reshape(batch, heads, -1)
 
@@ -96,19 +98,25 @@ def cope_decode_attention_reference(
       nodiv: add the position term after scaling.
 
     Returns:
-      [batch, heads, head_dim] in q.dtype; rows with lengths == 0 are zeros.
+      [batch, heads, head_dim] in q.dtype; rows with lengths == 0 are zeros. A NaN or inf in
+      q, in a valid key, gate key or value, or in the table entries a logit reads makes the row
+      NaN; keys past lengths[b] never matter, whatever they hold.
     """
     batch, heads, head_dim = q.shape
     kv_heads = k_cache.shape[2]
     logits = cope_decode_logits(
         q, k_cache, pos_emb, lengths, gate_k_cache=gate_k_cache, scale=scale, nodiv=nodiv
     ).reshape(batch, kv_heads, heads // kv_heads, -1)
+    v = v_cache.astype(jnp.float32)
+    valid = (jnp.arange(k_cache.shape[1])[None, :] < lengths[:, None])[:, :, None]  # [B, S, 1]
+    v_ok = jnp.all(jnp.isfinite(v), axis=-1) | ~valid  # [B, S, K]
+    logits = jnp.where(jnp.swapaxes(v_ok, 1, 2)[:, :, None, :], logits, jnp.nan)
+    v = jnp.where(jnp.isfinite(v), v, 0.0)  # masked values never meet 0·NaN
     top = jnp.max(logits, axis=-1, keepdims=True)
     p = jnp.exp(logits - jnp.where(jnp.isfinite(top), top, 0.0))
-    l = jnp.sum(p, axis=-1)
-    v = v_cache.astype(jnp.float32)
+    l = jnp.sum(p, axis=-1)  # NaN in a row with a non-finite valid key
     o = jnp.einsum("bkgs,bskd->bkgd", p, v, precision=HIGHEST)
-    o = jnp.where((l > 0)[..., None], o / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
+    o = jnp.where((l == 0)[..., None], 0.0, o / jnp.where(l == 0, 1.0, l)[..., None])
     return o.reshape(batch, heads, head_dim).astype(q.dtype)
 
 

@@ -80,6 +80,7 @@ def _f64(x) -> np.ndarray:
 def reference_f64(q, k, v, pos_emb, lengths, *, gate_k=None, scale=None, nodiv=False):
     """The CoPE definition in float64 numpy on the rounded inputs, for the query at position
     lengths[b] - 1 over keys 0..lengths[b] - 1; pos_emb rounded to q's dtype as the model does.
+    Keys past the length are never read; a non-finite valid input makes the row NaN.
     `test_numpy_reference_is_cope_attention` ties it to `cope.functional.cope_attention`."""
     q64, k64, v64 = _f64(q), _f64(k), _f64(v)
     gk64 = k64 if gate_k is None else _f64(gate_k)
@@ -94,6 +95,9 @@ def reference_f64(q, k, v, pos_emb, lengths, *, gate_k=None, scale=None, nodiv=F
         for h in range(heads if n > 0 else 0):
             qh, kv = q64[b, h], h // group
             gates = 1.0 / (1.0 + np.exp(-(gk64[b, :n, kv] @ qh) * scale))
+            if not np.isfinite(gates).all():  # a non-finite gate key: the row is NaN
+                out[b, h] = np.nan
+                continue
             positions = np.minimum(np.cumsum(gates[::-1])[::-1], top)
             z = table @ qh  # [N]
             lower = np.floor(positions).astype(int)
@@ -103,6 +107,8 @@ def reference_f64(q, k, v, pos_emb, lengths, *, gate_k=None, scale=None, nodiv=F
             s = content * scale + position_term if nodiv else (content + position_term) * scale
             w = np.exp(s - s.max())
             out[b, h] = w @ v64[b, :n, kv] / w.sum()
+            if not np.isfinite(out[b, h]).all():  # a non-finite valid value: all NaN
+                out[b, h] = np.nan
     return out
 
 
@@ -358,6 +364,36 @@ def test_zero_and_overlong_lengths(splits):
     )
     assert (np.asarray(out[0]) == 0).all()
     _check(out, q, k, v, e, [0, 60])
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_non_finite_inputs(splits):
+    """Keys past the length never matter, whatever they hold; a NaN value or gate key at a valid
+    key makes its rows NaN, also when the gate sits in a saturated split."""
+    shape = CopeDecodeShape(3, 60, 4, 2, 16, npos=4)
+    rng = _rng()
+    q, k, v, e, lengths = _inputs(shape, jnp.float32, rng, lengths=[60, 30, 45], gates="near_1")
+    k, v = np.array(k), np.array(v)
+    gate_k = k.copy()  # gates near 1: row 2 saturates within its last 4 keys
+    k[1, 30:], v[1, 30:], gate_k[1, 30:] = np.nan, np.inf, np.nan  # past row 1's length
+    v[0, 5, 0, 3] = np.nan  # a valid value: row 0, kv head 0
+    gate_k[2, 2, 1, 0] = np.nan  # a valid gate key far left of row 2's last key: kv head 1
+    args = [jnp.asarray(x, jnp.float32) for x in (q, k, v, e)]
+    gate_k = jnp.asarray(gate_k, jnp.float32)
+    out = cope_decode_attention(
+        *args, lengths, gate_k_cache=gate_k, config=_config(shape, splits), interpret=True
+    )
+    if splits > 1:  # the NaN gate's split (keys 0..31) ran saturated, no recompute
+        config = _config(shape, splits)
+        assert not _recomputed(*args, lengths, config, gate_k=gate_k)[2, 1, 0]
+    ref = reference_f64(*args, lengths, gate_k=gate_k)
+    np.testing.assert_array_equal(np.isnan(np.asarray(out)), np.isnan(ref))
+    assert np.isnan(ref[0, :2]).all() and np.isnan(ref[2, 2:]).all()
+    assert np.isfinite(ref[0, 2:]).all() and np.isfinite(ref[1]).all()
+    jnp_ref = cope_decode_attention_reference(*args, lengths, gate_k_cache=gate_k)
+    np.testing.assert_array_equal(np.isnan(np.asarray(jnp_ref)), np.isnan(ref))
+    ok = ~np.isnan(ref)
+    np.testing.assert_allclose(np.asarray(out)[ok], ref[ok], rtol=1e-4, atol=1e-5)
 
 
 def test_default_config():
