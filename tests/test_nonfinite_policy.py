@@ -208,6 +208,28 @@ def test_a_future_key_never_reaches_earlier_rows(impl, mode, tensor):
         np.testing.assert_allclose(dq[:, :key], dq_clean[:, :key], **TOL)
 
 
+@pytest.mark.parametrize("impl, mode", [p for p in CAUSAL_PAIRS if p.values[0].grad])
+def test_a_nan_query_never_reaches_the_keys_it_cannot_see(impl, mode):
+    """The NaN row is left out of the loss: the keys after it and the other rows keep the
+    gradients of clean inputs."""
+    m = MODES[mode]
+    q, k, v, w = _inputs(mode)
+    row, head = m.q_len // 3, m.heads - 1
+    bad = q.copy()
+    bad[0, row, head] = np.nan
+    w[0, row, head] = 0.0
+    clean = _grads(impl, mode, q, k, v, w)
+    grads = _grads(impl, mode, bad, k, v, w)
+    other_rows = np.ones(q.shape[:3], bool)
+    other_rows[0, row, head] = False
+    np.testing.assert_allclose(grads[0][other_rows], clean[0][other_rows], **TOL)
+    later = row + 1 + (m.kv_len - m.q_len)  # the first key the NaN row may not see
+    for name, g, ref in zip("kv", grads[1:], clean[1:], strict=True):
+        for part, part_ref in ((g[0, later:], ref[0, later:]), (g[1], ref[1])):
+            assert np.isfinite(part).all(), f"d{name} is not finite"
+            np.testing.assert_allclose(part, part_ref, **TOL, err_msg=f"d{name}")
+
+
 @pytest.mark.parametrize("tensor", ["q", "k", "v"])
 @pytest.mark.parametrize("impl, mode", PAIRS)
 def test_a_nonfinite_allowed_value_makes_exactly_its_rows_nan(impl, mode, tensor):

@@ -238,7 +238,7 @@ def _dq_kernel(
     def body(kv_block, dq, *, masked: bool):
         k = k_ref[pl.ds(kv_block * block_k, block_k), :]  # [block_k, D]
         v = v_ref[pl.ds(kv_block * block_k, block_k), :]  # [block_k, D]
-        if masked:  # keep 0·NaN of masked keys out of ds and dq; allowed ones left NaN lse
+        if masked:  # no 0·NaN from masked keys (an allowed non-finite key made lse NaN)
             k, v = _finite_or_zero(k), _finite_or_zero(v)
         s = _dot(q, k, trans_b=True) * qk_scale  # [block_q, block_k]
         p = jnp.exp2(s - lse2[:, None])
