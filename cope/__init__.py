@@ -1,6 +1,8 @@
 """CoPE and friends: position encodings, attention and a Flax NNX Transformer."""
 
+from cope.backends import attend, serving_backend
 from cope.functional import (
+    CoPE,
     attention,
     attention_mask,
     cope_attention,
@@ -11,6 +13,9 @@ from cope.functional import (
 )
 
 __all__ = [
+    "CoPE",
+    "attend",
+    "serving_backend",
     "attention",
     "attention_mask",
     "cope_attention",

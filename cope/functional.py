@@ -15,14 +15,9 @@ keys of each sequence; keys at index >= lengths[b] are masked out. A query row w
 
 from __future__ import annotations
 
-from typing import Literal
-
 import jax
 import jax.numpy as jnp
-
-Impl = Literal["xla", "pallas"]
-IMPLS = ("xla", "pallas")
-
+from flax import struct
 
 # ---------------------------------------------------------------------------------------------
 # Input checks and masks
@@ -77,19 +72,25 @@ def check_qkv(
             raise ValueError(f"bias must be a floating array, got {bias.dtype}")
 
 
-def _check_impl(impl: str) -> None:
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-
-
 def attention_mask(
-    q_len: int, kv_len: int, *, causal: bool, lengths: jax.Array | None = None
+    q_len: int,
+    kv_len: int,
+    *,
+    causal: bool,
+    lengths: jax.Array | None = None,
+    q_offset: int | jax.Array | None = None,
 ) -> jax.Array:
-    """Boolean mask of allowed (query, key) pairs, [B or 1, 1, T, S]; True = attend."""
+    """Boolean mask of allowed (query, key) pairs, [B or 1, 1, T, S]; True = attend.
+
+    With `causal`, query i sits at key position i + q_offset (default S - T, the last query at
+    the last key; a [B] array places each row's queries, as when appending to a cache).
+    """
     mask = jnp.ones((1, 1, q_len, kv_len), dtype=bool)
     if causal:
-        q_pos = jnp.arange(q_len)[:, None] + (kv_len - q_len)
-        mask = mask & (jnp.arange(kv_len)[None, :] <= q_pos)[None, None]
+        offset = kv_len - q_len if q_offset is None else q_offset
+        offset = jnp.reshape(jnp.asarray(offset, jnp.int32), (-1, 1, 1, 1))  # [B or 1, 1, 1, 1]
+        q_pos = jnp.arange(q_len)[:, None] + offset  # [B or 1, 1, T, 1]
+        mask = mask & (jnp.arange(kv_len)[None, :] <= q_pos)
     if lengths is not None:
         mask = mask & (jnp.arange(kv_len)[None, :] < lengths[:, None])[:, None, None, :]
     return mask
@@ -157,58 +158,37 @@ def _softmax_values(logits: jax.Array, mask: jax.Array, v: jax.Array) -> jax.Arr
 
 
 # ---------------------------------------------------------------------------------------------
-# Softmax attention
-# ---------------------------------------------------------------------------------------------
-
-
-def attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    *,
-    causal: bool = True,
-    lengths: jax.Array | None = None,
-    scale: float | None = None,
-    bias: jax.Array | None = None,
-    impl: Impl = "xla",
-) -> jax.Array:
-    """Softmax attention `softmax(scale·(q·k + bias)) v` with causal/padding masks and GQA.
-
-    Args:
-      q: [B, T, H, D] queries.
-      k, v: [B, S, K, D] keys and values; H must be a multiple of K.
-      causal: mask keys after each query (last query aligned with the last key when T < S).
-      lengths: optional [B] int, the number of valid keys per sequence.
-      scale: logit scale, default 1/sqrt(D).
-      bias: optional [B or 1, H or 1, T, S] logits added to q·k *before* scaling (the units of
-        q·k, as the relative-position term q·r[i-j]). Only with impl="xla".
-      impl: "xla" (pure-jnp reference) or "pallas" (the flash-attention kernel).
-
-    Returns:
-      [B, T, H, D] in q's dtype.
-    """
-    q, k, v, lengths = (
-        jnp.asarray(x) if isinstance(x, list | tuple) else x for x in (q, k, v, lengths)
-    )
-    check_qkv(q, k, v, lengths, bias=bias)
-    _check_impl(impl)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if impl == "pallas":
-        if bias is not None:
-            raise ValueError("impl='pallas' does not take a bias; use impl='xla' for relative PE")
-        from pallas_kernels import flash_attention
-
-        return flash_attention(q, k, v, causal=causal, lengths=lengths, scale=scale)
-    logits = _dot_logits(q, k)
-    if bias is not None:
-        logits = logits + bias.astype(logits.dtype)
-    mask = attention_mask(q.shape[1], k.shape[1], causal=causal, lengths=lengths)
-    return _softmax_values(logits * scale, mask, v).astype(q.dtype)
-
-
-# ---------------------------------------------------------------------------------------------
 # CoPE: contextual position encoding (Golovneva et al. 2024, arXiv 2405.18719)
 # ---------------------------------------------------------------------------------------------
+
+
+@struct.dataclass
+class CoPE:
+    """The CoPE argument of an attention call: the layer's table and how positions are used.
+
+    table [N, D] (z_i[n] = q_i·e[n], shared by the layer's heads); gate_k [B, S, K, D] optional
+    separate gate keys (the official `--cope-sep-key`); nodiv adds the position term after
+    scaling (the paper's Appendix B).
+    """
+
+    table: jax.Array
+    gate_k: jax.Array | None = None
+    nodiv: bool = struct.field(pytree_node=False, default=False)
+
+
+def check_cope(q: jax.Array, k: jax.Array, cope: CoPE) -> None:
+    """Raises a one-line ValueError naming the CoPE argument whose shape is wrong."""
+    table = cope.table
+    if not (hasattr(table, "shape") and hasattr(table, "dtype")):
+        raise ValueError(f"pos_emb must be an array, got {type(table).__name__}")
+    if table.ndim != 2 or table.shape[1] != q.shape[-1] or table.shape[0] < 1:
+        raise ValueError(
+            f"pos_emb must be [npos >= 1, head_dim={q.shape[-1]}], got shape {table.shape}"
+        )
+    if not jnp.issubdtype(table.dtype, jnp.floating):
+        raise ValueError(f"pos_emb must be a floating array, got {table.dtype}")
+    if cope.gate_k is not None and cope.gate_k.shape != k.shape:
+        raise ValueError(f"gate_k must have the shape of k {k.shape}, got {cope.gate_k.shape}")
 
 
 def cope_positions(gates: jax.Array, npos: int) -> jax.Array:
@@ -245,34 +225,110 @@ def interpolate_position_logits(pos_logits: jax.Array, positions: jax.Array) -> 
 def cope_logits(
     q: jax.Array,
     k: jax.Array,
-    pos_emb: jax.Array,
+    cope: CoPE,
     mask: jax.Array,
     *,
     scale: float,
-    nodiv: bool = False,
-    gate_k: jax.Array | None = None,
     bias: jax.Array | None = None,
-) -> jax.Array:
-    """Pre-softmax CoPE logits [B, H, T, S] float32 (masked entries are left unmasked).
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Pre-softmax CoPE logits [B, H, T, S] float32 (masked entries left unmasked), and the
+    gates and positions [B, H, T, S] they came from.
 
     Default (the official module): (q·k + z(p) [+ bias]) · scale. With `nodiv` (Appendix B):
     (q·k [+ bias]) · scale + z(p). Gates are sigmoid(scale · q·gate_k), zeroed where `mask` is
     False, so masked keys and padding never count.
     """
     content = _dot_logits(q, k)
-    gate_logits = content if gate_k is None else _dot_logits(q, gate_k)
+    gate_logits = content if cope.gate_k is None else _dot_logits(q, cope.gate_k)
     gates = jnp.where(mask, jax.nn.sigmoid(gate_logits * scale), 0.0)
-    positions = cope_positions(gates, pos_emb.shape[0])
+    positions = cope_positions(gates, cope.table.shape[0])
     # [B, T, H, D] x [N, D] -> [B, H, T, N]
     z = jnp.einsum(
-        "bthd,nd->bhtn", q, pos_emb.astype(q.dtype), preferred_element_type=_acc(q.dtype)
+        "bthd,nd->bhtn", q, cope.table.astype(q.dtype), preferred_element_type=_acc(q.dtype)
     )
     position_term = interpolate_position_logits(z, positions)
     if bias is not None:
         content = content + bias.astype(content.dtype)
-    if nodiv:
-        return content * scale + position_term
-    return (content + position_term) * scale
+    if cope.nodiv:
+        logits = content * scale + position_term
+    else:
+        logits = (content + position_term) * scale
+    return logits, {"gates": gates, "positions": positions}
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference attention and its public entry points
+# ---------------------------------------------------------------------------------------------
+
+
+def reference_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool = True,
+    lengths: jax.Array | None = None,
+    q_offset: int | jax.Array | None = None,
+    scale: float | None = None,
+    bias: jax.Array | None = None,
+    cope: CoPE | None = None,
+    intermediates: bool = False,
+):
+    """The XLA reference every attention backend is tested against (plain and CoPE).
+
+    Arguments as `cope.backends.attend` (inputs already validated). Returns [B, T, H, D] in q's
+    dtype, or with `intermediates` (out, dict) where the dict holds float32 [B, H, T, S]
+    `logits` (scaled, the softmax input, -inf where masked), `probs`, and for CoPE `gates` and
+    `positions` (what `calibrate` and the analysis tools read).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    mask = attention_mask(q.shape[1], k.shape[1], causal=causal, lengths=lengths, q_offset=q_offset)
+    parts = {}
+    if cope is None:
+        logits = _dot_logits(q, k)
+        if bias is not None:
+            logits = logits + bias.astype(logits.dtype)
+        logits = logits * scale
+    else:
+        logits, parts = cope_logits(q, k, cope, mask, scale=scale, bias=bias)
+    out = _softmax_values(logits, mask, v).astype(q.dtype)
+    if not intermediates:
+        return out
+    masked = jnp.where(mask, logits, -jnp.inf)
+    probs = jnp.where(mask, jax.nn.softmax(masked, axis=-1), 0.0)
+    return out, {"logits": masked, "probs": probs, **parts}
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool = True,
+    lengths: jax.Array | None = None,
+    scale: float | None = None,
+    bias: jax.Array | None = None,
+    impl: str = "xla",
+) -> jax.Array:
+    """Softmax attention `softmax(scale·(q·k + bias)) v` with causal/padding masks and GQA.
+
+    Args:
+      q: [B, T, H, D] queries.
+      k, v: [B, S, K, D] keys and values; H must be a multiple of K.
+      causal: mask keys after each query (last query aligned with the last key when T < S).
+      lengths: optional [B] int, the number of valid keys per sequence.
+      scale: logit scale, default 1/sqrt(D).
+      bias: optional [B or 1, H or 1, T, S] logits added to q·k *before* scaling (the units of
+        q·k, as the relative-position term q·r[i-j]).
+      impl: "xla" (this reference), "pallas" (a kernel, or a one-line error saying why none
+        serves the call), "auto" or a backend name; see `cope.backends.attend`.
+
+    Returns:
+      [B, T, H, D] in q's dtype.
+    """
+    from cope.backends import attend  # the seam; it imports this module
+
+    return attend(q, k, v, causal=causal, lengths=lengths, scale=scale, bias=bias, impl=impl)
 
 
 def cope_attention(
@@ -287,7 +343,7 @@ def cope_attention(
     nodiv: bool = False,
     gate_k: jax.Array | None = None,
     bias: jax.Array | None = None,
-    impl: Impl = "xla",
+    impl: str = "xla",
 ) -> jax.Array:
     """CoPE attention as Meta's official `ContextPosSelfAttn` (facebookresearch/RAM, projects/cope).
 
@@ -303,31 +359,17 @@ def cope_attention(
       nodiv: add the position term after scaling (the paper's Appendix B code, `--cope-nodiv`).
       gate_k: optional [B, S, K, D] separate gate keys (the official `--cope-sep-key`).
       bias: optional logits in q·k units added before scaling (the `cope+rel` relative term).
-      impl: only "xla" until the fused CoPE kernel exists.
+      impl: as `attention` ("pallas": the fused CoPE kernel).
 
     Returns:
       [B, T, H, D] in q's dtype.
     """
-    q, k, v, lengths = (
-        jnp.asarray(x) if isinstance(x, list | tuple) else x for x in (q, k, v, lengths)
+    from cope.backends import attend  # the seam; it imports this module
+
+    cope = CoPE(table=pos_emb, gate_k=gate_k, nodiv=nodiv)
+    return attend(
+        q, k, v, causal=causal, lengths=lengths, scale=scale, bias=bias, cope=cope, impl=impl
     )
-    check_qkv(q, k, v, lengths, bias=bias)
-    _check_impl(impl)
-    if pos_emb.ndim != 2 or pos_emb.shape[1] != q.shape[-1] or pos_emb.shape[0] < 1:
-        raise ValueError(
-            f"pos_emb must be [npos >= 1, head_dim={q.shape[-1]}], got shape {pos_emb.shape}"
-        )
-    if gate_k is not None and gate_k.shape != k.shape:
-        raise ValueError(f"gate_k must have the shape of k {k.shape}, got {gate_k.shape}")
-    if impl == "pallas":
-        raise NotImplementedError(
-            "cope_attention(impl='pallas') needs the fused CoPE kernel, which does not exist yet; "
-            "use impl='xla'"
-        )
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    mask = attention_mask(q.shape[1], k.shape[1], causal=causal, lengths=lengths)
-    logits = cope_logits(q, k, pos_emb, mask, scale=scale, nodiv=nodiv, gate_k=gate_k, bias=bias)
-    return _softmax_values(logits, mask, v).astype(q.dtype)
 
 
 # ---------------------------------------------------------------------------------------------

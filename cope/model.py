@@ -9,8 +9,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from cope import backends as A
 from cope import functional as F
 from cope.encodings import (
     AbsolutePositions,
@@ -53,7 +55,9 @@ class ModelConfig:
     cope_sep_key: bool = False  # separate gate-key projection (official --cope-sep-key)
     rel_max_distance: int | None = None  # relative table size; None: max_len
     rope_base: float = 10000.0
-    attention_impl: str = "xla"
+    # One attention knob for training, prefill and decoding: "auto" (kernels where they serve
+    # the call on a GPU, else XLA), "xla", "pallas" or a backend name (cope.backends.IMPLS).
+    attention_impl: str = "auto"
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     remat: bool = False  # rematerialise each block in the backward pass (saves CoPE's T² memory)
@@ -83,8 +87,8 @@ class ModelConfig:
             fail("norm", f"must be one of {NORMS}")
         if not 0.0 <= self.dropout < 1.0:
             fail("dropout", "must be in [0, 1)")
-        if self.attention_impl not in F.IMPLS:
-            fail("attention_impl", f"must be one of {F.IMPLS}")
+        if self.attention_impl not in A.IMPLS:
+            fail("attention_impl", f"must be one of {A.IMPLS}")
         for field in ("dtype", "param_dtype"):
             if getattr(self, field) not in DTYPES:
                 fail(field, f"must be one of {DTYPES}")
@@ -94,12 +98,6 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.{e}") from None
         if spec.rope and self.head_dim % 2:
             fail("d_model", f"rope needs an even head_dim, head_dim is {self.head_dim}")
-        if self.attention_impl == "pallas" and spec.needs_bias:
-            fail(
-                "attention_impl",
-                f"'pallas' supports only none/absolute/sinusoidal/rope "
-                f"encodings until the fused CoPE kernel exists (encoding={self.encoding!r})",
-            )
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> ModelConfig:
@@ -178,6 +176,10 @@ class Attention(nnx.Module):
             else None
         )
 
+        # Set by `attention_intermediates`: sow the reference's logits/probs (and CoPE gates and
+        # positions) under nnx.Intermediate "attention".
+        self.sow_intermediates = False
+
     def project(self, x: jax.Array, positions: jax.Array):
         """x [B, T, d] -> q [B, T, H, D], k, v (and gate keys or None) [B, T, K, D].
 
@@ -196,52 +198,61 @@ class Attention(nnx.Module):
             k = F.rope(k, positions, base=cfg.rope_base)
         return q, k, v, gate_k
 
-    def attend(
+    def __call__(
         self,
-        q: jax.Array,
-        k: jax.Array,
-        v: jax.Array,
-        gate_k: jax.Array | None,
+        x: jax.Array,
         *,
-        causal: bool,
+        positions: jax.Array,
         lengths: jax.Array | None,
         rel_table: jax.Array | None,
         cope_table: jax.Array | None,
-        q_offset: jax.Array | int | None = None,
-    ) -> jax.Array:
-        """Attention over (possibly cached) keys -> [B, T, H, D]; `q_offset` places the queries
-        for the relative term (default: the last query at the last key)."""
+        cache=None,
+        softmax: str = "unified_max",
+        phi: jax.Array | None = None,
+    ) -> tuple[jax.Array, Any]:
+        """x [B, T, d] -> (out [B, T, d], this layer's updated cache or None).
+
+        Without `cache` the T tokens attend causally among themselves (`lengths` masks right
+        padding). With a layer cache (`decoding.LayerCache`: buffers k, v, gate_k, the valid
+        `lengths` [B] before and after this call, a static `fresh` flag and `append`), the new
+        keys are written at each row's length and the queries attend to the whole buffer: one
+        token per row is a decode step (masked by the new lengths alone), several a causal
+        chunk; a `fresh` (empty) cache is a prefill, which attends among the new tokens only.
+        """
         cfg = self.cfg
         spec = cfg.spec
+        b, t, _ = x.shape
+        q, k, v, gate_k = self.project(x, positions)
+        q_offset = None  # the relative term's query placement: the last query at the last key
+        mask = dict(causal=True, lengths=lengths)
+        new_cache = None
+        if cache is not None:
+            new_cache = cache.append(k, v, gate_k)
+            if not cache.fresh:  # attend to the whole buffer
+                k, v, gate_k = new_cache.k, new_cache.v, new_cache.gate_k
+                q_offset = cache.lengths  # [B], the position of each row's first new token
+                if t == 1:  # a decode step: the new lengths are the whole mask
+                    mask = dict(causal=False, lengths=new_cache.lengths)
+                else:
+                    mask = dict(causal=True, lengths=new_cache.lengths, q_offset=q_offset)
         bias = None
         if spec.relative:
             bias = F.relative_logits(q, rel_table, k.shape[1], q_offset=q_offset)
+        cope = None
         if spec.cope:
             table = self.cope.table[...] if self.cope is not None else cope_table
-            attend = functools.partial(
-                F.cope_attention, causal=causal, nodiv=cfg.cope_nodiv, lengths=lengths
-            )
-            if cfg.cope_remat:
+            cope = F.CoPE(table=table, gate_k=gate_k, nodiv=cfg.cope_nodiv)
+        attend = functools.partial(
+            A.attend, impl=cfg.attention_impl, softmax=softmax, phi=phi, **mask
+        )
+        if self.sow_intermediates:
+            out, parts = attend(q, k, v, bias=bias, cope=cope, intermediates=True)
+            self.sow(nnx.Intermediate, "attention", parts)
+        else:
+            if cfg.cope_remat and spec.cope:
                 attend = jax.checkpoint(attend)
-            return attend(q, k, v, table, gate_k=gate_k, bias=bias)
-        return F.attention(
-            q, k, v, causal=causal, lengths=lengths, bias=bias, impl=cfg.attention_impl
-        )
-
-    def __call__(self, x, *, positions, lengths, rel_table, cope_table) -> jax.Array:
-        b, t, _ = x.shape
-        q, k, v, gate_k = self.project(x, positions)
-        out = self.attend(
-            q,
-            k,
-            v,
-            gate_k,
-            causal=True,
-            lengths=lengths,
-            rel_table=rel_table,
-            cope_table=cope_table,
-        )
-        return self.out(out.reshape(b, t, -1))
+            out = attend(q, k, v, bias=bias, cope=cope)  # [B, T, H, D]
+        return self.out(out.reshape(b, t, -1)), new_cache
 
 
 class MLP(nnx.Module):
@@ -294,12 +305,18 @@ class Block(nnx.Module):
             return norm(x + self.dropout(sublayer(x)))
         return x + self.dropout(sublayer(norm(x)))
 
-    def __call__(self, x, *, positions, lengths, rel_table, cope_table) -> jax.Array:
-        attn = lambda h: self.attn(
-            h, positions=positions, lengths=lengths, rel_table=rel_table, cope_table=cope_table
-        )
+    def __call__(self, x, *, cache=None, **attention) -> tuple[jax.Array, Any]:
+        """x [B, T, d] -> (x [B, T, d], the attention layer's updated cache or None);
+        `attention` holds `Attention.__call__`'s keyword arguments."""
+        new_cache = None
+
+        def attn(h: jax.Array) -> jax.Array:
+            nonlocal new_cache
+            out, new_cache = self.attn(h, cache=cache, **attention)
+            return out
+
         x = self.residual(x, attn, self.attn_norm)
-        return self.residual(x, self.mlp, self.mlp_norm)
+        return self.residual(x, self.mlp, self.mlp_norm), new_cache
 
 
 class Transformer(nnx.Module):
@@ -384,28 +401,163 @@ class Transformer(nnx.Module):
         *,
         lengths: jax.Array | None = None,
         positions: jax.Array | None = None,
-    ) -> jax.Array:
+        cache=None,
+        logits_at: jax.Array | None = None,
+        softmax: str = "unified_max",
+        phi: jax.Array | None = None,
+    ):
+        """tokens [B, T] int -> logits [B, T, V] float32, or (logits, cache) with a cache.
+
+        Args:
+          tokens: [B, T] token ids in [0, V). Concrete ids outside raise; traced ones give NaN
+            logits for their row (an embedding lookup out of range), never a wrapped id.
+          lengths: [B] int. Without a cache, the valid (unpadded) tokens per row: keys past it
+            are masked, padded queries still produce logits. With a cache, how many of the T
+            new tokens of each row are valid (default T; 0 leaves a row's cache unchanged).
+          positions: [B, T] token positions, default 0..T-1, or each row's cache length + t.
+          cache: a `decoding.KVCache`. The T tokens continue each row of the cache: a fresh
+            (empty) cache is filled by a prefill, else they are appended (T = 1: a decode step).
+          logits_at: [B] int, return only the logits [B, V] at index logits_at[b] (generation
+            reads one position; the LM head on all of them costs B·T·V floats).
+          softmax, phi: the split-KV decode kernels' softmax mode and unified max φ (scalar or
+            [num_layers], in scaled-logit units; see `decoding.calibrate`).
+
+        Returns:
+          logits [B, T, V] (or [B, V] with `logits_at`) float32; with a cache, (logits, the
+          updated cache).
+        """
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [batch, seq_len], got shape {tokens.shape}")
+        tokens = self._checked_tokens(tokens)
         b, t = tokens.shape
-        if self.absolute is not None and t > self.cfg.max_len:
+        if positions is None and cache is not None and not cache.fresh:
+            positions = cache.lengths[:, None]  # [B, 1]: each row's next position
+            if t > 1:
+                positions = positions + jnp.arange(t, dtype=jnp.int32)
+        elif positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if self.absolute is not None and cache is None and t > self.cfg.max_len:
             raise ValueError(
                 f"sequence length {t} exceeds the absolute position table "
                 f"(ModelConfig.max_len={self.cfg.max_len}); learned/sinusoidal absolute PE "
                 "cannot extrapolate"
             )
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if phi is not None:
+            phi = jnp.broadcast_to(jnp.asarray(phi, jnp.float32), (self.cfg.num_layers,))
         x = self.embed_tokens(tokens, positions)
         rel_table, cope_table = self.shared_tables()
 
-        def run_block(block: Block, x: jax.Array) -> jax.Array:
+        def run_block(block: Block, x: jax.Array, layer_cache, layer_phi):
             return block(
-                x, positions=positions, lengths=lengths, rel_table=rel_table, cope_table=cope_table
+                x,
+                cache=layer_cache,
+                positions=positions,
+                lengths=lengths,
+                rel_table=rel_table,
+                cope_table=cope_table,
+                softmax=softmax,
+                phi=layer_phi,
             )
 
         if self.cfg.remat:
             run_block = nnx.remat(run_block)
-        for block in self.blocks:
-            x = run_block(block, x)
-        return self.head(x)
+        layers = [None] * len(self.blocks)
+        if cache is not None:
+            layers = cache.layers(t if lengths is None else lengths)
+        for i, block in enumerate(self.blocks):
+            layer_phi = None if phi is None else phi[i]
+            x, layers[i] = run_block(block, x, layers[i], layer_phi)
+        if logits_at is not None:
+            index = jnp.reshape(logits_at, (-1, 1, 1))
+            x = jnp.take_along_axis(x, index, axis=1)  # [B, 1, d]
+            logits = self.head(x)[:, 0]
+        else:
+            logits = self.head(x)
+        if cache is None:
+            return logits
+        return logits, cache.with_layers(layers)
+
+    def _checked_tokens(self, tokens: jax.Array) -> jax.Array:
+        """Raises on concrete ids outside [0, V); maps traced ones there to V (NaN rows)."""
+        vocab = self.cfg.vocab_size
+        if not jnp.issubdtype(jnp.asarray(tokens).dtype, jnp.integer):
+            raise ValueError(f"tokens must be integer ids, got dtype {tokens.dtype}")
+        if not isinstance(tokens, jax.core.Tracer):
+            ids = np.asarray(tokens)
+            if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+                raise ValueError(
+                    f"token ids must be in [0, vocab_size={vocab}), "
+                    f"got min {ids.min()} max {ids.max()}"
+                )
+            return jnp.asarray(tokens)
+        # jnp.take fills out-of-range rows with NaN but wraps negative ids: send those out too.
+        return jnp.where(tokens < 0, vocab, tokens)
+
+
+def attention_intermediates(
+    model: Transformer, tokens: jax.Array, **kwargs
+) -> tuple[jax.Array, list[dict[str, jax.Array]]]:
+    """Runs `model(tokens, **kwargs)` and returns (its output, one dict per layer) with the
+    attention internals of each layer: float32 [B, H, T, S] `logits` (scaled softmax input,
+    -inf where masked), `probs`, and for CoPE `gates` and `positions` p_ij.
+
+    They come from the XLA reference whatever `attention_impl` says (the kernels keep no
+    [T, S] tensor), so use analysis-sized batches. Traceable; the model is left as it was.
+    """
+    model.set_attributes(sow_intermediates=True)
+    try:
+        out, captured = nnx.capture(model, nnx.Intermediate)(tokens, **kwargs)
+    finally:
+        model.set_attributes(sow_intermediates=False)
+    layers = [None] * len(model.blocks)
+    for path, variable in nnx.to_flat_state(captured):
+        if path[0] == "blocks" and path[-1] == "attention":
+            layers[path[1]] = variable.get_value()[-1]
+    return out, layers
+
+
+def attention_backends(cfg: ModelConfig, *, batch: int = 1, seq_len: int = 128) -> dict:
+    """Which backend serves each attention call of a `cfg` model on this device (or the
+    abstract device being lowered for): {"train": name, "decode": name}, where a value is
+    the one-line error when `cfg.attention_impl` names a backend that cannot serve the call."""
+    dtype = jnp.dtype(cfg.dtype)
+    h, k, d = cfg.num_heads, cfg.kv_heads, cfg.head_dim
+
+    def shape(*dims):
+        return jax.ShapeDtypeStruct(dims, dtype)
+
+    def report(t: int, s: int, **mask) -> str:
+        spec = cfg.spec
+        bias = jax.ShapeDtypeStruct((batch, h, t, s), jnp.float32) if spec.relative else None
+        cope = None
+        if spec.cope:
+            gate_k = shape(batch, s, k, d) if cfg.cope_sep_key else None
+            cope = F.CoPE(table=shape(cfg.cope_npos, d), gate_k=gate_k, nodiv=cfg.cope_nodiv)
+        lengths = jax.ShapeDtypeStruct((batch,), jnp.int32)
+        try:
+            return A.serving_backend(
+                shape(batch, t, h, d),
+                shape(batch, s, k, d),
+                shape(batch, s, k, d),
+                lengths=lengths,
+                bias=bias,
+                cope=cope,
+                impl=cfg.attention_impl,
+                **mask,
+            )
+        except ValueError as e:
+            return str(e)
+
+    return {
+        "train": report(seq_len, seq_len, causal=True),
+        "decode": report(1, seq_len, causal=False),
+    }
+
+
+def with_attention_impl(model: Transformer, impl: str) -> Transformer:
+    """The same model (parameters shared, mode kept) with another `attention_impl`."""
+    cfg = dataclasses.replace(model.cfg, attention_impl=impl)
+    twin = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    nnx.update(twin, nnx.state(model))
+    twin.set_attributes(deterministic=model.embed_dropout.deterministic)
+    return twin

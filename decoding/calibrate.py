@@ -8,7 +8,9 @@ from the distribution of softmax inputs measured offline ("> 99.99 % of x_i are 
 range").
 
 Our statistic: φ_l = the 99.99th percentile of layer l's scaled logits over all valid
-(query, key) pairs of the sample prompts (every head, causal, padding excluded). Then
+(query, key) pairs of the sample prompts (every head, causal, padding excluded), read from the
+logits the attention reference computes (`cope.model.attention_intermediates`), so it covers
+every encoding: relative and CoPE position terms are part of the logits. Then
 e^{s-φ} <= 1 for all but 0.01 % of terms, so a split's sum stays <= its key count and far from
 float32 overflow; rows whose max sits a little above φ still have ~80 nats of headroom; and a row
 falls back only if its max is ~60 nats below the upper percentile, which logit distributions of
@@ -24,82 +26,21 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from cope import functional as F
-from cope.model import Attention, Transformer
-from decoding.step import check_prompts, cope_table_of, merge_model, run_layers, split_model
+from cope.model import Transformer, attention_intermediates
+from decoding.step import check_prompts, merge_model, split_model
 
 DEFAULT_QUANTILE = 0.9999
-
-
-def _content_logits(q: jax.Array, k: jax.Array) -> jax.Array:
-    """q·k per head: q [B, T, H, D], k [B, S, K, D] -> [B, H, T, S] float32 (GQA groups)."""
-    b, t, h, d = q.shape
-    kv = k.shape[2]
-    qg = q.reshape(b, t, kv, h // kv, d)
-    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
-    return logits.reshape(b, h, t, k.shape[1])
-
-
-def scaled_logits(
-    attn: Attention,
-    q: jax.Array,
-    k: jax.Array,
-    gate_k: jax.Array | None,
-    mask: jax.Array,
-    rel_table: jax.Array | None,
-    cope_table: jax.Array | None,
-) -> jax.Array:
-    """The pre-softmax logits [B, H, T, S] float32 the layer's softmax sees (scale included)."""
-    spec = attn.cfg.spec
-    scale = q.shape[-1] ** -0.5
-    bias = None
-    if spec.relative:
-        bias = F.relative_logits(q, rel_table, k.shape[1])
-    if spec.cope:
-        return F.cope_logits(
-            q,
-            k,
-            cope_table_of(attn, cope_table),
-            mask,
-            scale=scale,
-            nodiv=attn.cfg.cope_nodiv,
-            gate_k=gate_k,
-            bias=bias,
-        )
-    logits = _content_logits(q, k)
-    if bias is not None:
-        logits = logits + bias
-    return logits * scale
 
 
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("quantiles",))
 def _quantiles_jit(graphdef, state, tokens, lengths, *, quantiles):
     model = merge_model(graphdef, state)
-    b, t = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    x = model.embed_tokens(tokens, positions)
-    rel_table, shared_cope = model.shared_tables()
-    mask = F.attention_mask(t, t, causal=True, lengths=lengths)  # [B, 1, T, T]
+    _, layers = attention_intermediates(model, tokens, lengths=lengths)
     stats = []
-
-    def attention(i: int, attn: Attention, h: jax.Array) -> jax.Array:
-        q, k, v, gate_k = attn.project(h, positions)
-        logits = scaled_logits(attn, q, k, gate_k, mask, rel_table, shared_cope)
-        valid = jnp.where(mask, logits, jnp.nan)  # [B, H, T, T]
+    for parts in layers:
+        logits = parts["logits"]  # [B, H, T, T], -inf on masked pairs
+        valid = jnp.where(jnp.isneginf(logits), jnp.nan, logits)
         stats.append(jnp.nanquantile(valid, jnp.asarray(quantiles, jnp.float32)))
-        out = attn.attend(
-            q,
-            k,
-            v,
-            gate_k,
-            causal=True,
-            lengths=lengths,
-            rel_table=rel_table,
-            cope_table=shared_cope,
-        )
-        return attn.out(out.reshape(b, t, -1))
-
-    run_layers(model, x, attention)
     return jnp.stack(stats)  # [L, Q]
 
 

@@ -17,10 +17,8 @@ from decoding.step import (
     check_prompts,
     check_softmax,
     decode_fn,
-    last_valid,
     merge_model,
     prefill_fn,
-    resolve_decode_impl,
     split_model,
 )
 
@@ -130,7 +128,7 @@ def _start(batch: int, max_new_tokens: int, pad_id: int) -> _Emit:
 @functools.partial(
     jax.jit,
     static_argnums=(0,),
-    static_argnames=("max_new_tokens", "max_len", "sampler", "eos_id", "pad_id", "impl", "softmax"),
+    static_argnames=("max_new_tokens", "max_len", "sampler", "eos_id", "pad_id", "softmax"),
 )
 def _generate_jit(
     graphdef,
@@ -146,7 +144,6 @@ def _generate_jit(
     sampler,
     eos_id,
     pad_id,
-    impl,
     softmax,
 ):
     model = merge_model(graphdef, state)
@@ -163,7 +160,7 @@ def _generate_jit(
         step, cache, emitted = carry
         # The token just emitted is fed back; rows that finished (EOS) stop growing.
         logits, cache = decode_fn(
-            model, cache, emitted.tokens, ~emitted.finished, impl=impl, softmax=softmax, phi=phi
+            model, cache, emitted.tokens, ~emitted.finished, softmax=softmax, phi=phi
         )
         return step + 1, cache, _emit(step, logits, emitted, key, sampler, eos_id, pad_id)
 
@@ -182,7 +179,6 @@ def generate(
     pad_id: int | None = None,
     seed: int | jax.Array = 0,
     max_len: int | None = None,
-    decode_impl: str = "auto",
     softmax: str = "unified_max",
     phi=None,
     num_steps: int | jax.Array | None = None,
@@ -202,9 +198,9 @@ def generate(
       seed: int or PRNG key; step i samples with `fold_in(key, i)`, so a seed fixes the output.
       max_len: cache capacity, default T + max_new_tokens; max(lengths) + max_new_tokens must
         fit in it (and in ModelConfig.max_len for absolute/sinusoidal encodings).
-      decode_impl: "auto" (the decode kernel for none/absolute/sinusoidal/rope, the XLA path for
-        relative/CoPE, which need a logit term the kernel lacks), "pallas" or "xla".
-      softmax: the kernel's mode, "unified_max" (FlashDecoding++) or "online".
+      softmax: the split-KV kernels' mode, "unified_max" (FlashDecoding++) or "online". Which
+        backend serves prefill and each step is the model's `attention_impl` (on a GPU "auto"
+        takes the kernels that cover the encoding; `cope.model.attention_backends` says which).
       phi: the kernel's unified max per layer, scalar or [num_layers] (see `calibrate`); None
         uses the kernel's default.
       num_steps: emit only the first `num_steps` <= max_new_tokens tokens (the rest is pad); a
@@ -218,7 +214,6 @@ def generate(
     prompts, lengths, max_len, pad_id = _check_generation(
         cfg, prompts, lengths, max_new_tokens, max_len, eos_id, pad_id, sampler
     )
-    impl = resolve_decode_impl(cfg, decode_impl)
     check_softmax(softmax)
     graphdef, state = split_model(model)
     return _generate_jit(
@@ -234,7 +229,6 @@ def generate(
         sampler=sampler,
         eos_id=eos_id,
         pad_id=pad_id,
-        impl=impl,
         softmax=softmax,
     )
 
@@ -250,17 +244,11 @@ def _generate_uncached_jit(
     width = t + max_new_tokens
     buffer = jnp.pad(prompts, ((0, 0), (0, max_new_tokens)))  # [B, T + N]
     positions = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), (b, width))
-    rel_table, cope_table = model.shared_tables()
 
     def next_logits(buffer: jax.Array, lengths: jax.Array) -> jax.Array:
         # The model's full forward over the whole buffer (no cache); only the head is applied
         # to the last valid position, as [B, T + N, V] float32 logits would not fit at B = 64.
-        x = model.embed_tokens(buffer, positions)
-        for block in model.blocks:
-            x = block(
-                x, positions=positions, lengths=lengths, rel_table=rel_table, cope_table=cope_table
-            )
-        return model.head(last_valid(x, lengths)[:, None])[:, 0]  # [B, V]
+        return model(buffer, lengths=lengths, positions=positions, logits_at=lengths - 1)
 
     emitted = _emit(
         0,

@@ -98,7 +98,6 @@ def bench_one(
 
         timed = min(uncached_steps, new)
     else:
-        impl = "xla" if variant == "xla" else "pallas"
         softmax = "online" if variant == "kernel-online" else "unified_max"
 
         def gen(steps):
@@ -108,7 +107,6 @@ def bench_one(
                 lengths,
                 max_new_tokens=new,
                 sampler=greedy(),
-                decode_impl=impl,
                 softmax=softmax,
                 phi=phi if softmax == "unified_max" else None,
                 num_steps=steps,

@@ -22,6 +22,23 @@ SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
 DEFAULT_PHI = 0.0
 
 
+def why_unsupported(q, k_cache, v_cache) -> str | None:
+    """None when the kernel takes these head sizes and dtypes (arrays or ShapeDtypeStructs);
+    else the reason, in one line. The attention seam (`cope.backends`) dispatches on it."""
+    head_dim = q.shape[-1]
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        return f"q head_dim must be a power of two >= 16, got shape {q.shape}"
+    for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if jnp.dtype(x.dtype) not in SUPPORTED_DTYPES:
+            return f"{name} dtype must be bfloat16 or float32, got {x.dtype}"
+    if not (q.dtype == k_cache.dtype == v_cache.dtype):
+        return (
+            f"q, k_cache, v_cache dtypes must agree, got {q.dtype}, "
+            f"{k_cache.dtype}, {v_cache.dtype}"
+        )
+    return None
+
+
 def _validate(q, k_cache, v_cache, lengths) -> None:
     if q.ndim != 3:
         raise ValueError(f"q must be [batch, heads, head_dim], got shape {q.shape}")
@@ -46,16 +63,9 @@ def _validate(q, k_cache, v_cache, lengths) -> None:
             f"q heads ({heads}) must be a multiple of k_cache kv_heads "
             f"({k_cache.shape[2]}), got q {q.shape} and k_cache {k_cache.shape}"
         )
-    if head_dim < 16 or head_dim & (head_dim - 1):
-        raise ValueError(f"q head_dim must be a power of two >= 16, got shape {q.shape}")
-    for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if jnp.dtype(x.dtype) not in SUPPORTED_DTYPES:
-            raise ValueError(f"{name} dtype must be bfloat16 or float32, got {x.dtype}")
-    if not (q.dtype == k_cache.dtype == v_cache.dtype):
-        raise ValueError(
-            f"q, k_cache, v_cache dtypes must agree, got {q.dtype}, "
-            f"{k_cache.dtype}, {v_cache.dtype}"
-        )
+    reason = why_unsupported(q, k_cache, v_cache)
+    if reason is not None:
+        raise ValueError(reason)
     if lengths.shape != (batch,):
         raise ValueError(f"lengths must be [batch] = ({batch},), got shape {lengths.shape}")
     if not jnp.issubdtype(lengths.dtype, jnp.integer):

@@ -23,6 +23,18 @@ _DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 _BACKENDS = ("triton", "mosaic")
 
 
+def why_unsupported(q, k, v) -> str | None:
+    """None when `flash_attention` can serve q, k, v (arrays or ShapeDtypeStructs); else the
+    reason, in one line. The attention seam (`cope.backends`) dispatches on it."""
+    if q.shape[3] > 256:
+        return f"head_dim {q.shape[3]} > 256 is not supported (q shape {q.shape})"
+    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return (
+            f"q, k, v must share one dtype of bf16/fp16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
+    return None
+
+
 def _validate(q, k, v, lengths) -> None:
     if q.ndim != 4:
         raise ValueError(f"q must be [B, T, H, D], got shape {q.shape}")
@@ -34,12 +46,9 @@ def _validate(q, k, v, lengths) -> None:
         raise ValueError(f"k {k.shape} must match q {q.shape} in batch and head_dim")
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"q heads {q.shape[2]} must be a multiple of kv heads {k.shape[2]}")
-    if q.shape[3] > 256:
-        raise ValueError(f"head_dim {q.shape[3]} > 256 is not supported (q shape {q.shape})")
-    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(
-            f"q, k, v must share one dtype of bf16/fp16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}"
-        )
+    reason = why_unsupported(q, k, v)
+    if reason is not None:
+        raise ValueError(reason)
     if lengths is not None and (
         lengths.shape != (q.shape[0],) or not jnp.issubdtype(lengths.dtype, jnp.integer)
     ):

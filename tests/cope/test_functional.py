@@ -282,8 +282,8 @@ def test_bad_arguments_raise():
         F.attention(q, k, v, impl="cuda")
     with pytest.raises(ValueError, match="pos_emb must be"):
         F.cope_attention(q, k, v, jnp.ones((5, 4)))
-    with pytest.raises(NotImplementedError, match="fused CoPE kernel"):
-        F.cope_attention(q, k, v, jnp.ones((5, 8)), impl="pallas")
+    with pytest.raises(ValueError, match="impl='split_kv' cannot serve this call: no CoPE"):
+        F.cope_attention(q, k, v, jnp.ones((5, 8)), impl="split_kv")
     with pytest.raises(ValueError, match="floating"):
         F.attention(q.astype(jnp.int32), k, v)
 

@@ -203,9 +203,11 @@ def test_bad_config_fields_raise_naming_the_field(field, value, message):
         ModelConfig(**fields)
 
 
-def test_pallas_impl_refuses_encodings_with_logit_terms():
-    with pytest.raises(ValueError, match="attention_impl"):
-        tiny("relative", attention_impl="pallas")
+def test_flash_impl_refuses_encodings_with_logit_terms():
+    """The flash kernel takes no relative logit term: asked for by name, one line says so."""
+    model = make_model(tiny("relative", attention_impl="flash"))
+    with pytest.raises(ValueError, match="impl='flash' cannot serve this call: takes no bias"):
+        model(tokens(2, 5))
 
 
 def test_from_dict_rejects_unknown_fields():

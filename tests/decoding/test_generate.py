@@ -8,6 +8,7 @@ from model_helpers import make_model, tiny_config
 
 import decoding as D
 from cope.encodings import ENCODINGS
+from cope.model import attention_backends, with_attention_impl
 
 V = 29
 N_NEW = 6
@@ -65,7 +66,7 @@ def test_prefill_logits_equal_forward(encoding, overrides):
 def test_cached_greedy_equals_recomputation(encoding, overrides):
     model = make_model(tiny(encoding, **overrides))
     x, lengths = prompts(3, 7, [7, 2, 5])
-    out = D.generate(model, x, lengths, max_new_tokens=N_NEW, decode_impl="xla")
+    out = D.generate(model, x, lengths, max_new_tokens=N_NEW)
     expected = greedy_by_recomputation(model, x, lengths, N_NEW)
     np.testing.assert_array_equal(out.tokens, expected)
     np.testing.assert_array_equal(out.lengths, [N_NEW] * 3)
@@ -83,7 +84,7 @@ def test_decode_steps_match_forward_logits(encoding, overrides):
     rows = np.arange(3)
     for step in range(4):
         pos = lengths + step
-        logits, cache = D.decode_step(model, cache, full[rows, pos], decode_impl="xla")
+        logits, cache = D.decode_step(model, cache, full[rows, pos])
         np.testing.assert_allclose(logits, expected[rows, pos], atol=2e-5, rtol=2e-5)
     np.testing.assert_array_equal(cache.lengths, lengths + 4)
 
@@ -99,39 +100,46 @@ def test_uncached_baseline_equals_cached():
 
 @pytest.mark.parametrize("encoding", ["rope", "relative"])
 def test_kernel_path_equals_xla_path(encoding):
-    """decode_impl="pallas" (interpret mode on CPU), both softmax modes, φ default/calibrated/
+    """attention_impl="pallas" (interpret mode on CPU), both softmax modes, φ default/calibrated/
     far off (forces the online fallback), against the XLA decode path."""
     model = make_model(tiny(encoding, d_model=64, num_layers=2))  # head_dim 16 for the kernel
+    kernel, model = with_attention_impl(model, "pallas"), with_attention_impl(model, "xla")
     x, lengths = prompts(3, 5, [5, 1, 3])
     phi = D.calibrate(model, x, lengths)
-    xla = D.generate(model, x, lengths, max_new_tokens=4, decode_impl="xla")
+    xla = D.generate(model, x, lengths, max_new_tokens=4)
     for softmax, p in [
         ("online", None),
         ("unified_max", None),
         ("unified_max", phi),
         ("unified_max", 200.0),
     ]:
-        out = D.generate(
-            model, x, lengths, max_new_tokens=4, decode_impl="pallas", softmax=softmax, phi=p
-        )
+        out = D.generate(kernel, x, lengths, max_new_tokens=4, softmax=softmax, phi=p)
         np.testing.assert_array_equal(out.tokens, xla.tokens, err_msg=f"{softmax} phi={p}")
     _, cache = D.prefill(model, x, lengths, max_len=6)
     tok = jnp.array([1, 2, 3])
-    ref, ref_cache = D.decode_step(model, cache, tok, decode_impl="xla")
-    got, got_cache = D.decode_step(model, cache, tok, decode_impl="pallas", phi=phi)
+    ref, ref_cache = D.decode_step(model, cache, tok)
+    got, got_cache = D.decode_step(kernel, cache, tok, phi=phi)
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
     for a, b in zip(jax.tree.leaves(got_cache), jax.tree.leaves(ref_cache), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)  # later layers see rounding
 
 
 def test_auto_uses_kernel_only_without_logit_terms():
-    from decoding.step import resolve_decode_impl
+    from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 
-    assert resolve_decode_impl(tiny("rope", d_model=64), "auto") == "pallas"
-    assert resolve_decode_impl(tiny("sinusoidal", d_model=64), "auto") == "pallas"
-    assert resolve_decode_impl(tiny("rope"), "auto") == "xla"  # head_dim 8 < 16
-    for encoding in ("relative", "cope", "cope+rope", "cope+relative"):
-        assert resolve_decode_impl(tiny(encoding, d_model=64), "auto") == "xla"
+    def decode_backend(cfg):
+        return attention_backends(cfg)["decode"]
+
+    for encoding in ("rope", "relative", "cope"):  # no GPU: the reference serves "auto"
+        assert decode_backend(tiny(encoding, d_model=64)) == "xla"
+    h200 = AbstractDevice(device_kind="NVIDIA H200", num_cores=132, platform="gpu")
+    with use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=h200)):
+        assert decode_backend(tiny("rope", d_model=64)) == "split_kv"
+        assert decode_backend(tiny("sinusoidal", d_model=64)) == "split_kv"
+        assert decode_backend(tiny("rope")) == "xla"  # head_dim 8 < 16
+        assert decode_backend(tiny("relative", d_model=64)) == "xla"
+        assert decode_backend(tiny("cope+relative", d_model=64)) == "xla"
+        assert attention_backends(tiny("rope", d_model=64))["train"] == "flash"
 
 
 def test_eos_stops_rows():
@@ -199,15 +207,14 @@ def test_calibrate_returns_finite_phi_per_layer():
     assert (q[:, 0] <= phi).all() and (phi <= q[:, 2]).all()
     # The maximum equals the largest scaled logit over valid pairs, found the slow way.
     from cope import functional as F
-    from decoding.calibrate import scaled_logits
 
-    h = model.embed_tokens(x, jnp.broadcast_to(jnp.arange(8), (2, 8)))
+    positions = jnp.broadcast_to(jnp.arange(8), (2, 8))
+    h = model.embed_tokens(x, positions)
     block = model.blocks[0]
-    qs, ks, _, gk = block.attn.project(
-        h if block.post_norm else block.attn_norm(h), jnp.broadcast_to(jnp.arange(8), (2, 8))
-    )
+    qs, ks, _, _ = block.attn.project(h if block.post_norm else block.attn_norm(h), positions)
+    g = qs.shape[2] // ks.shape[2]
+    logits = jnp.einsum("bthd,bshd->bhts", qs, jnp.repeat(ks, g, axis=2)) * qs.shape[-1] ** -0.5
     mask = F.attention_mask(8, 8, causal=True, lengths=lengths)
-    logits = scaled_logits(block.attn, qs, ks, gk, mask, None, None)
     top = np.asarray(jnp.max(jnp.where(mask, logits, -jnp.inf)))
     np.testing.assert_allclose(q[0, 2], top, rtol=1e-5)
     for encoding in ("cope+relative", "absolute"):
@@ -235,17 +242,18 @@ def test_bad_inputs_raise():
         D.generate(model, x.at[0, 0].set(V), lengths, max_new_tokens=2)
     with pytest.raises(ValueError, match="eos_id"):
         D.generate(model, x, lengths, max_new_tokens=2, eos_id=V)
-    with pytest.raises(ValueError, match="decode_impl"):
-        D.generate(model, x, lengths, max_new_tokens=2, decode_impl="cuda")
     with pytest.raises(ValueError, match="softmax"):
         D.generate(model, x, lengths, max_new_tokens=2, softmax="max")
     with pytest.raises(ValueError, match="phi"):
         D.generate(model, x, lengths, max_new_tokens=2, phi=jnp.zeros(3))
     with pytest.raises(ValueError, match="sampler"):
         D.generate(model, x, lengths, max_new_tokens=2, sampler="greedy")
-    with pytest.raises(ValueError, match="decode_impl='pallas' does not take CoPE"):
+    with pytest.raises(ValueError, match="impl='flash' cannot serve this call: takes no bias"):
         D.generate(
-            make_model(tiny("cope", d_model=64)), x, lengths, max_new_tokens=2, decode_impl="pallas"
+            make_model(tiny("relative", attention_impl="flash", d_model=64)),
+            x,
+            lengths,
+            max_new_tokens=2,
         )
     _, cache = D.prefill(model, x, lengths)  # max_len 6: row 0 is full
     with pytest.raises(ValueError, match="past the cache"):
@@ -259,13 +267,14 @@ def test_bad_inputs_raise():
 def test_gpu_kernel_decoding_equals_xla(encoding):
     """Compiled decode kernel (with the relative bias for `relative`) == the XLA decode path."""
     model = make_model(tiny(encoding, d_model=256, num_heads=4, num_kv_heads=2, max_len=300))
+    kernel, model = with_attention_impl(model, "pallas"), with_attention_impl(model, "xla")
     x, lengths = prompts(3, 200, [200, 1, 77])
-    xla = D.generate(model, x, lengths, max_new_tokens=8, decode_impl="xla")
+    xla = D.generate(model, x, lengths, max_new_tokens=8)
     for softmax in ("online", "unified_max"):
-        out = D.generate(model, x, lengths, max_new_tokens=8, decode_impl="pallas", softmax=softmax)
+        out = D.generate(kernel, x, lengths, max_new_tokens=8, softmax=softmax)
         np.testing.assert_array_equal(out.tokens, xla.tokens, err_msg=softmax)
     _, cache = D.prefill(model, x, lengths, max_len=210)
     tok = jnp.array([1, 2, 3])
-    ref, _ = D.decode_step(model, cache, tok, decode_impl="xla")
-    got, _ = D.decode_step(model, cache, tok, decode_impl="pallas")
+    ref, _ = D.decode_step(model, cache, tok)
+    got, _ = D.decode_step(kernel, cache, tok)
     np.testing.assert_allclose(got, ref, atol=2e-3, rtol=2e-3)
