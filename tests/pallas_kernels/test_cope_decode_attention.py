@@ -242,13 +242,10 @@ def test_matches_float64_reference_fp32(shape, softmax):
     _check(out, q, k, v, e, lengths)
 
 
-@pytest.mark.parametrize("softmax", MODES)
-def test_matches_float64_reference_bf16_gqa(softmax):
+def test_matches_float64_reference_bf16_gqa():
     shape = CopeDecodeShape(3, 150, 8, 2, 32, npos=64)
     q, k, v, e, lengths = _inputs(shape, jnp.bfloat16, _rng())
-    out = cope_decode_attention(
-        q, k, v, e, lengths, softmax=softmax, config=_config(shape, 4), interpret=True
-    )
+    out = cope_decode_attention(q, k, v, e, lengths, config=_config(shape, 4), interpret=True)
     assert out.dtype == jnp.bfloat16
     _check(out, q, k, v, e, lengths, jnp.bfloat16)
 
