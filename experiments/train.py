@@ -48,7 +48,14 @@ from tqdm.auto import tqdm
 from cope.model import ModelConfig, Transformer
 from experiments import sharding
 from experiments.checkpointing import Checkpoints, abstract_like
-from experiments.configlib import apply_override, check_config, load_config, split_overrides
+from experiments.configlib import (
+    OPTIMIZERS,
+    SCHEDULES,
+    apply_override,
+    check_config,
+    load_config,
+    split_overrides,
+)
 from experiments.metrics import read_metrics, saved_steps
 from experiments.tasks import Task, finalize, make_task
 
@@ -148,9 +155,9 @@ def build_model_config(config: ml_collections.ConfigDict, task: Task) -> ModelCo
 
 def learning_rate_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
     """Linear warm-up then constant or cosine decay to 10% of the peak."""
-    if train.schedule not in ("constant", "cosine"):
+    if train.schedule not in SCHEDULES:
         raise ValueError(
-            f"config field train.schedule must be 'constant' or 'cosine', got {train.schedule!r}"
+            f"config field train.schedule must be one of {SCHEDULES}, got {train.schedule!r}"
         )
     warmup = int(train.warmup_steps)
     if train.schedule == "constant":
@@ -176,7 +183,7 @@ def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransforma
         )
     else:
         raise ValueError(
-            f"config field train.optimizer must be 'adam' or 'adamw', got {train.optimizer!r}"
+            f"config field train.optimizer must be one of {OPTIMIZERS}, got {train.optimizer!r}"
         )
     if train.grad_clip > 0:
         tx = optax.chain(optax.clip_by_global_norm(train.grad_clip), tx)
