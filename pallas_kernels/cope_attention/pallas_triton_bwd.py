@@ -37,6 +37,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.cope_attention.config import BackwardConfig, heuristic_backward_config
+from pallas_kernels.cope_attention.pallas_triton_fwd import position_logits
 
 MAX_NPOS = 2048  # ⌊p⌋ <= npos - 1 must be an exact float16 integer (the shift matmul)
 
@@ -96,21 +97,22 @@ def _query_kernel(
     block_k: int,
     num_q_blocks: int,
     separate_gate_k: bool,
-    use_masks: bool,
+    compiled: bool,
 ):
     # Inputs: length_ref [] int32; q_ref, do_ref: [block_q, D]; k_ref, v_ref, gk_ref (only with
     # separate gate keys): [S_pad, D]; lse_ref, delta_ref, gate_total_ref: [block_q] fp32;
-    # z_ref: [block_q, N] fp32; then the zero-initialised accumulators, aliased to the outputs
-    # and not read. Outputs: dq_ref [block_q, D] fp32; dz_ref [block_q, W] fp32 (W = N + 1, plus
-    # block_k spare columns for masked-off scatters in interpret mode); dz_sat_ref [block_q]
-    # fp32; n_sat_ref [] int32; dk_ref, dv_ref, dgk_ref (separate gate keys): [S_pad, D] fp32.
+    # z_ref: [block_q, N] fp32; then the zero-initialised outputs they alias (not read here).
+    # Outputs: dq_ref [block_q, D] fp32; dz_ref [block_q, N + 1 + block_k] fp32 (columns
+    # N + 1 + j take masked-off lanes); dz_sat_ref [block_q] fp32; n_sat_ref [] int32;
+    # lock_ref [S_pad / block_k] fp32 (a spin lock, 0 or 1, per key tile of this kv head); dk_ref,
+    # dv_ref, dgk_ref (separate gate keys): [S_pad, D] fp32 band-tile accumulators.
     refs = list(refs)
     length_ref, q_ref, k_ref, v_ref = refs[:4]
     gk_ref = refs.pop(4) if separate_gate_k else None
     do_ref, lse_ref, delta_ref, gate_total_ref, z_ref = refs[4:9]
-    outs = refs[9 + (4 if separate_gate_k else 3) :]
-    dq_ref, dz_ref, dz_sat_ref, n_sat_ref, dk_ref, dv_ref = outs[:6]
-    dgk_ref = outs[6] if separate_gate_k else None
+    outs = refs[9 + (5 if separate_gate_k else 4) :]
+    dq_ref, dz_ref, dz_sat_ref, n_sat_ref, lock_ref, dk_ref, dv_ref = outs[:7]
+    dgk_ref = outs[7] if separate_gate_k else None
     q_block = _q_block_map(causal, num_q_blocks)(pl.program_id(0))
     length = length_ref[...]
     q = q_ref[...]  # [block_q, D]
@@ -134,9 +136,43 @@ def _query_kernel(
         q_block, length, block_q=block_q, block_k=block_k, causal=causal, offset=offset
     )
 
-    def scatter_add(ref, idx, val, mask):
-        # Interpret mode has no masked atomics; masked-off lanes there add 0 to a spare slot.
-        pltriton.atomic_add(ref, idx, val, mask=mask if use_masks else None)
+    def dz_add(bins, values, at):
+        """dz[row, bins] += values where `at`; (row, bin) pairs are distinct within one call.
+
+        A plain read-modify-write: this program owns its rows. The barrier orders it after the
+        previous call, whose lanes may have touched the same bins from other threads.
+        """
+        if compiled:
+            pltriton.debug_barrier()
+        view = dz_ref.at[gather_rows, jnp.where(at, bins, spare_cols)]
+        old = pltriton.load(view, mask=at, other=0.0)
+        pltriton.store(view, old + values, mask=at)
+
+    def locked_add(kv_block, updates):
+        """acc[key tile] += tile for (acc, tile) in `updates`, under the tile's spin lock.
+
+        Per-element atomics are avoided: each is an acq_rel atomic with a GPU-wide fence and an
+        L1 flush. One lock per (kv head, key tile) serialises the query blocks and the heads of
+        a GQA group that write the same tile.
+        """
+        keys = pl.ds(kv_block * block_k, block_k)
+        # A 1-element float slice: interpret mode cannot discharge scalar atomics in loops, and
+        # Pallas-Triton lowers integer atomics on tensors as float ones.
+        lock = (pl.ds(kv_block, 1),)
+        one = jnp.ones((1,), jnp.float32)
+
+        def grab(*_):
+            return jnp.max(pltriton.atomic_max(lock_ref, lock, one))  # old value: 0 = acquired
+
+        held = grab()
+        if compiled:  # interpret mode runs programs one at a time: the lock is always free
+            lax.while_loop(lambda held: held != 0, grab, held)
+        for acc_ref, tile in updates:
+            view = acc_ref.at[keys, :]
+            pltriton.store(view, pltriton.load(view, volatile=True) + tile)
+        if compiled:
+            pltriton.debug_barrier()  # every thread's stores precede the release
+        pltriton.atomic_add(lock_ref, lock, -one)
 
     def gates(kv_block, s):
         """Sigmoid gates of one tile (0 on masked pairs), and the tile's gate keys."""
@@ -201,42 +237,27 @@ def _query_kernel(
         index_next = lower_next.astype(jnp.int32)
         low_sums = jnp.cumsum(ds_pos * (1.0 - frac), axis=1)
         high_sums = jnp.cumsum(ds_pos * frac, axis=1)
-        for at, bins, sums, sign in (
-            (ends, index, low_sums, 1.0),
-            (ends, index + 1, high_sums, 1.0),
-            (nexts, index_next, low_sums, -1.0),
-            (nexts, index_next + 1, high_sums, -1.0),
-        ):
-            scatter_add(
-                dz_ref,
-                (gather_rows, jnp.where(at, bins, spare_cols)),
-                jnp.where(at, sign * sums, 0.0),
-                at,
-            )
+        dz_add(index, low_sums, ends)
+        dz_add(index + 1, high_sums, ends)
+        dz_add(index_next, -low_sums, nexts)
+        dz_add(index_next + 1, -high_sums, nexts)
 
         # Gate gradient: a prefix sum of dp along the keys, through the sigmoid.
         dpos = jnp.where(frac > 0.0, ds_pos * z_step, 0.0)
         dg = dp_carry[:, None] + jnp.cumsum(dpos, axis=1)
         dgate_logits = dg * g * (1.0 - g) * scale  # g = 0 on masked pairs
         dlogits = ds * scale
+        dv_tile = _dot(p.astype(do.dtype), do, trans_a=True)  # [block_k, D]
         if separate_gate_k:
             dq = dq + _dot(dlogits.astype(k.dtype), k) + _dot(dgate_logits.astype(gk.dtype), gk)
-            scatter_add(
-                dk_ref, (keys, slice(None)), _dot(dlogits.astype(q.dtype), q, trans_a=True), None
-            )
-            scatter_add(
-                dgk_ref,
-                (keys, slice(None)),
-                _dot(dgate_logits.astype(q.dtype), q, trans_a=True),
-                None,
-            )
+            dk_tile = _dot(dlogits.astype(q.dtype), q, trans_a=True)
+            dgk_tile = _dot(dgate_logits.astype(q.dtype), q, trans_a=True)
+            locked_add(kv_block, ((dk_ref, dk_tile), (dv_ref, dv_tile), (dgk_ref, dgk_tile)))
         else:
             dboth = dlogits + dgate_logits
             dq = dq + _dot(dboth.astype(k.dtype), k)
-            scatter_add(
-                dk_ref, (keys, slice(None)), _dot(dboth.astype(q.dtype), q, trans_a=True), None
-            )
-        scatter_add(dv_ref, (keys, slice(None)), _dot(p.astype(do.dtype), do, trans_a=True), None)
+            dk_tile = _dot(dboth.astype(q.dtype), q, trans_a=True)
+            locked_add(kv_block, ((dk_ref, dk_tile), (dv_ref, dv_tile)))
         return dq, band - jnp.sum(g, axis=1), dp_carry + jnp.sum(dpos, axis=1)
 
     # 3. Saturated tiles: no mask (every row sees a key right of them), constant position.
@@ -405,9 +426,11 @@ def cope_attention_bwd(
         lengths = jnp.full((batch,), kv_len, jnp.int32)
     lengths = jnp.clip(lengths.astype(jnp.int32), 0, kv_len)
 
-    # [B, H, T] softmax-gradient correction rowsum(o·do), and z = q·e in fp32 [B, H, T, N].
-    delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), dout.astype(jnp.float32))
-    z = jnp.einsum("bthd,nd->bhtn", q, pos_emb.astype(q.dtype), preferred_element_type=jnp.float32)
+    f32 = jnp.float32
+    # [B, H, T] softmax-gradient correction rowsum(o·do), and z = q·e [B, H, T, N] computed as
+    # the forward computes it (so that exp(s - lse) is the forward's P).
+    delta = jnp.sum(out.astype(f32) * dout.astype(f32), axis=-1).transpose(0, 2, 1)
+    z = position_logits(q, pos_emb)
     z_sat = z[..., npos - 1] * (1.0 if nodiv else scale)  # [B, H, T]
     row_pad = {2: q_pad}
     delta, z, z_sat, gate_total = (_pad(x, row_pad) for x in (delta, z, z_sat, gate_total))
@@ -419,9 +442,10 @@ def cope_attention_bwd(
     separate = gate_k is not None
     acc_shape = (batch, kv_pad, kv_heads, d_pad)
     num_acc = 3 if separate else 2  # fp32 dk, dv (and d gate_k) of the band tiles
-    # Interpret mode lacks masked atomics: masked-off scatters go to block_k spare columns.
+    num_k_blocks = kv_pad // block_k
+    # Masked-off lanes of the dz updates point at spare columns N + 1 + j. Compiled kernels
+    # never touch them; interpret mode writes them back unchanged, so they must be distinct.
     dz_width = npos + 1 + (block_k if interpret else 0)
-    f32 = jnp.float32
 
     qb = _q_block_map(bool(causal), num_q_blocks)
     q_spec = pl.BlockSpec((None, block_q, None, d_pad), lambda i, b, h: (b, qb(i), h, 0))
@@ -430,16 +454,19 @@ def cope_attention_bwd(
     z_spec = pl.BlockSpec((None, None, block_q, npos), lambda i, b, h: (b, h, qb(i), 0))
     dz_spec = pl.BlockSpec((None, None, block_q, dz_width), lambda i, b, h: (b, h, qb(i), 0))
     n_sat_spec = pl.BlockSpec((None, None, None), lambda i, b, h: (b, h, qb(i)))
+    lock_spec = pl.BlockSpec((None, None, num_k_blocks), lambda i, b, h: (b, h // group, 0))
     in_specs = [pl.BlockSpec((None,), lambda i, b, h: (b,)), q_spec, kv_spec, kv_spec]
     inputs = [lengths, qp, kp, vp]
     if separate:
         in_specs.append(kv_spec)
         inputs.append(_pad(gate_k, {1: kv_pad, 3: d_pad}))
-    in_specs += [q_spec, row_spec, row_spec, row_spec, z_spec, dz_spec] + [kv_spec] * num_acc
+    in_specs += [q_spec, row_spec, row_spec, row_spec, z_spec, dz_spec, lock_spec]
+    in_specs += [kv_spec] * num_acc
     inputs += [dop, lse, delta, gate_total, z, jnp.zeros((batch, heads, q_pad, dz_width), f32)]
+    inputs.append(jnp.zeros((batch, kv_heads, num_k_blocks), f32))  # locks
     inputs += [jnp.zeros(acc_shape, f32) for _ in range(num_acc)]
-    first_zero = len(inputs) - num_acc - 1
-    dq, dz, dz_sat, n_sat, dk_acc, dv_acc, *dgk_acc = pl.pallas_call(
+    first_zero = len(inputs) - num_acc - 2  # dz, locks, accumulators alias outputs 1, 4, 5...
+    dq, dz, dz_sat, n_sat, _, dk_acc, dv_acc, *dgk_acc = pl.pallas_call(
         functools.partial(
             _query_kernel,
             scale=scale,
@@ -452,19 +479,24 @@ def cope_attention_bwd(
             block_k=block_k,
             num_q_blocks=num_q_blocks,
             separate_gate_k=separate,
-            use_masks=not interpret,
+            compiled=not interpret,
         ),
         grid=(num_q_blocks, batch, heads),
         in_specs=in_specs,
-        out_specs=[q_spec, dz_spec, row_spec, n_sat_spec] + [kv_spec] * num_acc,
+        out_specs=[q_spec, dz_spec, row_spec, n_sat_spec, lock_spec] + [kv_spec] * num_acc,
         out_shape=[
             jax.ShapeDtypeStruct(qp.shape, f32),
             jax.ShapeDtypeStruct((batch, heads, q_pad, dz_width), f32),
             jax.ShapeDtypeStruct((batch, heads, q_pad), f32),
             jax.ShapeDtypeStruct((batch, heads, num_q_blocks), jnp.int32),
+            jax.ShapeDtypeStruct((batch, kv_heads, num_k_blocks), f32),
         ]
         + [jax.ShapeDtypeStruct(acc_shape, f32)] * num_acc,
-        input_output_aliases={first_zero: 1, **{first_zero + 1 + a: 4 + a for a in range(num_acc)}},
+        input_output_aliases={
+            first_zero: 1,
+            first_zero + 1: 4,
+            **{first_zero + 2 + a: 5 + a for a in range(num_acc)},
+        },
         compiler_params=pltriton.CompilerParams(
             num_warps=config.num_warps, num_stages=config.num_stages
         ),
@@ -510,13 +542,14 @@ def cope_attention_bwd(
         name="cope_attention_bwd_dkv",
     )(qp, dop, lse, delta, z_sat, n_sat, kp, vp, dk_acc, dv_acc)
 
-    # dz [B, H, T, N]: the band histogram plus the saturated tiles' Σ ds' at npos - 1.
-    dz = dz[:, :, :q_len, :npos].at[..., npos - 1].add(dz_sat[:, :, :q_len])
+    # dz [B, H, T, N]: the band histogram plus the saturated tiles' Σ ds' at npos - 1. Its two
+    # matmuls run in q's dtype (fp32 inputs at full fp32 precision, not tf32).
+    dz = dz[:, :, :q_len, :npos].at[..., npos - 1].add(dz_sat[:, :, :q_len]).astype(q.dtype)
+    precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
     e = pos_emb.astype(q.dtype)
-    dq = dq[:, :q_len, :, :head_dim] + jnp.einsum(
-        "bhtn,nd->bthd", dz, e, preferred_element_type=f32
-    )
-    dpos_emb = jnp.einsum("bhtn,bthd->nd", dz, q, preferred_element_type=f32)
+    dq_pos = jnp.einsum("bhtn,nd->bthd", dz, e, precision=precision, preferred_element_type=f32)
+    dq = dq[:, :q_len, :, :head_dim] + dq_pos
+    dpos_emb = jnp.einsum("bhtn,bthd->nd", dz, q, precision=precision, preferred_element_type=f32)
     dgate_k = None
     if separate:
         dgate_k = dgk_acc[0][:, :kv_len, :, :head_dim].astype(gate_k.dtype)
