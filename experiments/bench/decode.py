@@ -1,5 +1,6 @@
 """Decode-attention benchmark (one query token over a KV cache): ours vs XLA, cuDNN, jax's Pallas
-`decode_attention.gqa` and tokamax, in effective GB/s of K+V read once.
+`decode_attention.gqa` and tokamax, in effective GB/s of K+V read once; CoPE rows: our CoPE
+decode kernel vs our plain decode kernel at the same shape and vs the XLA CoPE decode step.
 
 Run: `python -m experiments.bench_kernels decode` (H100); `--quick` for a CPU smoke run;
 `python -m experiments.bench.decode --sweep` for the block/split tuning sweep.
@@ -25,6 +26,11 @@ from experiments.bench.common import (
     time_pipelined,
     write_outputs,
 )
+from pallas_kernels.cope_decode_attention import (
+    cope_decode_attention,
+    cope_decode_attention_reference,
+)
+from pallas_kernels.cope_decode_attention import shapes as cope_shapes
 from pallas_kernels.decode_attention import (
     DecodeConfig,
     decode_attention,
@@ -280,6 +286,8 @@ def run(out: str | None = None, iters: int = 20, quick: bool = False) -> list[Re
             _VARIANTS[(shape.name, "ours")] = best.impl
         else:
             records.extend(shape_records)
+    cope_records = bench_cope(iters, quick, device)
+    records.extend(cope_records)
     if out is None:
         out = default_out("decode", quick)
     write_outputs(
@@ -291,11 +299,146 @@ def run(out: str | None = None, iters: int = 20, quick: bool = False) -> list[Re
     )
     md = Path(out).with_suffix(".md")
     md.write_text(
-        md.read_text() + summary(records) + "\n\nTiming: median of 5 repetitions of "
+        md.read_text() + summary(records) + cope_summary(cope_records) + "\n\nTiming: median of 5 "
+        "repetitions of "
         f"{iters} back-to-back calls (one sync per repetition), all lengths = S, "
         "bf16; GB/s = K+V bytes / time. `ours` = our best mode per shape.\n"
     )
     return records
+
+
+# --- CoPE decode rows ---------------------------------------------------------------------------
+
+
+def make_cope_inputs(shape: cope_shapes.CopeDecodeShape, gates: str = "random", seed: int = 0):
+    """q, k, v (bf16), pos_emb [N, D] float32, lengths = S. Random q and k give gates around 0.5,
+    so every split but the last saturates; gates="near_0" shifts q and k along one direction
+    (q·k/sqrt(D) about -23, gates about 1e-10): nothing saturates and every split is redone."""
+    q, k, v, lengths = make_inputs(shape, seed=seed)
+    pos_emb = jax.random.normal(
+        jax.random.PRNGKey(seed + 1), (shape.npos, shape.head_dim), jnp.float32
+    )
+    if gates == "near_0":
+        u = jax.random.normal(jax.random.PRNGKey(seed + 2), (shape.head_dim,), jnp.float32)
+        u = 16.0 * u / jnp.linalg.norm(u)
+        q = (0.3 * q.astype(jnp.float32) - u).astype(q.dtype)
+        k = (k.astype(jnp.float32) + u).astype(k.dtype)
+    return q, k, v, pos_emb, lengths
+
+
+def _cope_ours(mode: str, interpret: bool | None):
+    return jax.jit(
+        lambda q, k, v, e, n: cope_decode_attention(
+            q, k, v, e, n, softmax=mode, interpret=interpret
+        )
+    )
+
+
+def _cope_plain(mode: str, interpret: bool | None):
+    """Our plain decode kernel on the same caches (no position term), heuristic config."""
+    return jax.jit(
+        lambda q, k, v, e, n: decode_attention(q, k, v, n, softmax=mode, interpret=interpret)
+    )
+
+
+def _cope_xla():
+    """The XLA CoPE decode step: `cope_attention` with one query over the valid keys."""
+    import cope.functional as F
+
+    return jax.jit(
+        lambda q, k, v, e, n: F.cope_attention(q[:, None], k, v, e, causal=False, lengths=n)[:, 0]
+    )
+
+
+def bench_cope_shape(shape: cope_shapes.CopeDecodeShape, iters: int, device: str) -> list[Record]:
+    """CoPE rows of one shape (kernel "cope_decode_attention"): the XLA step, our kernel in both
+    modes, our plain decode kernel, and our kernel with gates near 0 (two passes)."""
+    interpret = None if jax.default_backend() == "gpu" else True
+    args = make_cope_inputs(shape)
+    ref = cope_decode_attention_reference(*args)
+    plain_ref = decode_attention_reference(args[0], args[1], args[2], args[4])
+    near_0 = make_cope_inputs(shape, gates="near_0")
+    near_0_ref = cope_decode_attention_reference(*near_0)
+
+    def measure(name, make, inputs=args, want=ref):
+        rec = _measure(name, make, inputs, want, shape, iters, device)
+        return dataclasses.replace(rec, kernel="cope_decode_attention")
+
+    records = [measure("cope-xla", _cope_xla)]
+    for mode in MODES:
+        records.append(measure(f"cope-ours-{mode}", lambda mode=mode: _cope_ours(mode, interpret)))
+    for mode in MODES:
+        records.append(
+            measure(
+                f"plain-decode-{mode}",
+                lambda mode=mode: _cope_plain(mode, interpret),
+                want=plain_ref,
+            )
+        )
+    records.append(
+        measure(
+            "cope-ours-unified_max gates≈0",
+            lambda: _cope_ours("unified_max", interpret),
+            near_0,
+            near_0_ref,
+        )
+    )
+    best = _best([r for r in records if r.impl in ("cope-ours-online", "cope-ours-unified_max")])
+    if best is not None:
+        records.append(dataclasses.replace(best, impl="ours-cope"))
+    return records
+
+
+def bench_cope(iters: int, quick: bool, device: str) -> list[Record]:
+    shapes = cope_shapes.QUICK_SHAPES if quick else cope_shapes.BENCH_SHAPES
+    records = []
+    for shape in shapes:
+        print(f"{shape.name} (CoPE): K+V {shape.kv_bytes() / 1e9:.3f} GB", flush=True)
+        records.extend(bench_cope_shape(shape, iters, device))
+    return records
+
+
+def cope_summary(records: list[Record]) -> str:
+    """Per CoPE shape: our best mode vs our plain decode kernel (best mode) and vs XLA, and the
+    cost of gates near 0 (every split recomputed)."""
+    lines = [
+        "",
+        "## CoPE decode",
+        "",
+        "| shape | our best | GB/s | vs plain decode | vs XLA CoPE | gates≈0 GB/s "
+        "| gates≈0 / best |",
+        "|" + "---|" * 7,
+    ]
+
+    def ratio(num: Record | None, den: Record | None) -> str:
+        ok = num is not None and num.gbps and den is not None and den.gbps
+        return f"{num.gbps / den.gbps:.2f}×" if ok else "n/a"
+
+    for shape in dict.fromkeys(r.shape for r in records):
+        rows = {r.impl: r for r in records if r.shape == shape}
+        best = _best([rows[i] for i in ("cope-ours-online", "cope-ours-unified_max") if i in rows])
+        if best is None:
+            continue
+        plain = _best([r for i, r in rows.items() if i.startswith("plain-decode")])
+        near_0 = rows.get("cope-ours-unified_max gates≈0")
+        cells = [
+            shape,
+            best.impl.removeprefix("cope-ours-"),
+            f"{best.gbps:.0f}",
+            ratio(best, plain),
+            ratio(best, rows.get("cope-xla")),
+            f"{near_0.gbps:.0f}" if near_0 is not None and near_0.gbps else "n/a",
+            ratio(near_0, best),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "CoPE rows: npos 64, bf16, all lengths = S, heuristic configs for our CoPE and plain "
+        "kernels; GB/s = K+V bytes / time (the position table and gate work not counted).",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    return text
 
 
 def tune(shape: DecodeShape, args, iters: int = 10) -> tuple[DecodeConfig, float, float]:
