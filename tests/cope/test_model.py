@@ -1,7 +1,5 @@
 """Transformer properties for every encoding: causality, padding, jit + grad, dtypes, config."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +8,7 @@ from flax import nnx
 from model_helpers import make_model, tiny_config
 
 from cope.encodings import ENCODINGS, sinusoidal_table
-from cope.model import GPT2_SMALL, ModelConfig, Transformer
+from cope.model import GPT2_SMALL, ModelConfig, Transformer, attention_backends, with_attention_impl
 
 V = 13
 
@@ -67,18 +65,31 @@ def test_jit_grad_runs_and_is_finite(encoding):
     assert leaves and all(np.isfinite(np.asarray(g)).all() for g in leaves)
 
 
-def test_pallas_attention_model_matches_xla():
-    """The flash-attention kernel (interpret mode on CPU) behind the model == the XLA path."""
-    cfg = tiny("rope", d_model=64, num_heads=2, num_kv_heads=1)  # head_dim 32 -> padded to 64
+@pytest.mark.parametrize(
+    "encoding, overrides",
+    [("rope", {}), ("cope", {}), ("cope+rope", dict(cope_sep_key=True, cope_nodiv=True))],
+)
+def test_pallas_attention_model_matches_xla(encoding, overrides):
+    """The kernels (interpret mode on CPU: flash, or the fused CoPE kernel) behind the model ==
+    the XLA path, logits and parameter gradients."""
+    cfg = tiny(encoding, d_model=64, num_heads=2, num_kv_heads=1, **overrides)  # head_dim 32
     xla = make_model(cfg)
-    pallas = Transformer(dataclasses.replace(cfg, attention_impl="pallas"), rngs=nnx.Rngs(1))
-    nnx.update(pallas, nnx.state(xla))
-    pallas.eval()
+    if cfg.spec.cope:  # gates away from 0 so that positions vary
+        xla.blocks[0].attn.query.kernel[...] *= 4.0
+    pallas = with_attention_impl(xla, "pallas")
+    assert attention_backends(pallas.cfg)["train"] == ("cope_flash" if cfg.spec.cope else "flash")
     x = tokens(2, 13)
     lengths = jnp.array([13, 8], jnp.int32)
     np.testing.assert_allclose(
         pallas(x, lengths=lengths), xla(x, lengths=lengths), atol=2e-4, rtol=2e-4
     )
+
+    def loss(model):
+        return jnp.mean(jax.nn.log_softmax(model(x, lengths=lengths))[..., 0])
+
+    got, want = nnx.grad(loss)(pallas), nnx.grad(loss)(xla)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-4, rtol=2e-3)
 
 
 def test_jit_equals_eager():

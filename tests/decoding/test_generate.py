@@ -98,11 +98,14 @@ def test_uncached_baseline_equals_cached():
     np.testing.assert_array_equal(a.tokens, b.tokens)
 
 
-@pytest.mark.parametrize("encoding", ["rope", "relative"])
-def test_kernel_path_equals_xla_path(encoding):
+@pytest.mark.parametrize(
+    "encoding, overrides",
+    [("rope", {}), ("relative", {}), ("cope", {}), ("cope+rope", dict(cope_sep_key=True))],
+)
+def test_kernel_path_equals_xla_path(encoding, overrides):
     """attention_impl="pallas" (interpret mode on CPU), both softmax modes, φ default/calibrated/
     far off (forces the online fallback), against the XLA decode path."""
-    model = make_model(tiny(encoding, d_model=64, num_layers=2))  # head_dim 16 for the kernel
+    model = make_model(tiny(encoding, d_model=64, num_layers=2, **overrides))  # head_dim 16
     kernel, model = with_attention_impl(model, "pallas"), with_attention_impl(model, "xla")
     x, lengths = prompts(3, 5, [5, 1, 3])
     phi = D.calibrate(model, x, lengths)
@@ -140,6 +143,12 @@ def test_auto_uses_kernel_only_without_logit_terms():
         assert decode_backend(tiny("relative", d_model=64)) == "xla"
         assert decode_backend(tiny("cope+relative", d_model=64)) == "xla"
         assert attention_backends(tiny("rope", d_model=64))["train"] == "flash"
+        for encoding in ("cope", "cope+rope"):
+            assert attention_backends(tiny(encoding, d_model=64)) == {
+                "train": "cope_flash",
+                "decode": "cope_split_kv",
+            }
+        assert attention_backends(tiny("cope+relative", d_model=64))["train"] == "xla"
 
 
 def test_eos_stops_rows():
