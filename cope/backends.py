@@ -187,6 +187,9 @@ class CoPEFlash(Backend):
             call.q, call.k, call.v, call.cope.table, gate_k=call.cope.gate_k
         )
 
+    def auto_ok(self, call: Call) -> bool:
+        return not call.one_query_per_row
+
     def run(self, call: Call) -> jax.Array:
         kernel = _kernel_module("cope_attention")
         return kernel.cope_attention(
@@ -241,8 +244,9 @@ class CoPESplitKV(Backend):
 
 
 REFERENCE = Reference()
-# Kernels in the order "auto" and "pallas" try them.
-KERNELS: tuple[Backend, ...] = (CoPEFlash(), CoPESplitKV(), SplitKV(), Flash())
+# Kernels in the order "auto" and "pallas" try them: decode kernels first (they take only
+# one-query steps, which the flash kernels would pad to a whole query block).
+KERNELS: tuple[Backend, ...] = (CoPESplitKV(), SplitKV(), CoPEFlash(), Flash())
 BACKENDS = {b.name: b for b in (REFERENCE, *KERNELS)}
 IMPLS = ("auto", "xla", "pallas", *(b.name for b in KERNELS))
 
