@@ -175,6 +175,11 @@ def _check(out, q, k, v, e, lengths, dtype=jnp.float32, **kwargs):
     _assert_close(out, ref, dtype, positions=position_tolerance(q, e, lengths, **kwargs))
 
 
+# Most interpret-mode tests share this shape, its config and the default scale, so that they
+# reuse compiled kernels (interpret-mode compiles dominate the suite's time).
+BASE = CopeDecodeShape(3, 60, 4, 2, 16, npos=8)
+
+
 def test_numpy_reference_is_cope_attention():
     """The float64 numpy reference is `cope.functional.cope_attention` in float64 (one query,
     ragged lengths with 0, GQA, gate keys, nodiv, a scale), and so is the jnp reference to
@@ -184,7 +189,7 @@ def test_numpy_reference_is_cope_attention():
     q, k, v, e, lengths = _inputs(shape, jnp.float32, rng, lengths=[50, 0, 7])
     gate_k = jnp.asarray(rng.standard_normal(k.shape), jnp.float32)
     cope64 = jax.jit(F.cope_attention, static_argnames=("causal", "scale", "nodiv"))
-    for kwargs in ({}, {"nodiv": True, "scale": 0.3}, {"gate_k": gate_k}):
+    for kwargs in ({}, {"nodiv": True, "scale": 0.3, "gate_k": gate_k}):
         with jax.enable_x64(True):
             got = cope64(
                 jnp.asarray(_f64(q))[:, None],
@@ -216,12 +221,11 @@ def test_numpy_reference_is_cope_attention():
 def test_last_row_of_the_causal_forward():
     """The decoded query at position L-1 gives row L-1 of the full causal CoPE forward."""
     rng = _rng()
-    shape = CopeDecodeShape(3, 37, 4, 2, 16, npos=10)
-    _, k, v, e, lengths = _inputs(shape, jnp.float32, rng, lengths=[37, 1, 20])
-    q_all = jnp.asarray(rng.standard_normal((3, 37, 4, 16)), jnp.float32)  # [B, T=S, H, D]
+    _, k, v, e, lengths = _inputs(BASE, jnp.float32, rng, lengths=[60, 1, 20])
+    q_all = jnp.asarray(rng.standard_normal((3, 60, 4, 16)), jnp.float32)  # [B, T=S, H, D]
     rows = np.asarray(lengths) - 1
     q = q_all[np.arange(3), rows]  # [B, H, D]
-    out = cope_decode_attention(q, k, v, e, lengths, config=_config(shape), interpret=True)
+    out = cope_decode_attention(q, k, v, e, lengths, config=_config(BASE), interpret=True)
     with jax.enable_x64(True):
         full = jax.jit(F.cope_attention)(
             *(jnp.asarray(_f64(x)) for x in (q_all, k, v, e)), lengths=lengths
@@ -288,25 +292,15 @@ def test_every_length():
 
 
 def test_gate_k_cache_and_nodiv():
-    shape = CopeDecodeShape(3, 100, 4, 2, 32, npos=16)
     rng = _rng()
-    q, k, v, e, lengths = _inputs(shape, jnp.float32, rng)
+    q, k, v, e, lengths = _inputs(BASE, jnp.float32, rng)
     gate_k = jnp.asarray(rng.standard_normal(k.shape) + 0.5, jnp.float32)
-    for nodiv, softmax in ((False, "unified_max"), (True, "online")):
+    for kwargs in ({"softmax": "unified_max"}, {"softmax": "online", "nodiv": True, "scale": 0.3}):
         out = cope_decode_attention(
-            q,
-            k,
-            v,
-            e,
-            lengths,
-            gate_k_cache=gate_k,
-            nodiv=nodiv,
-            scale=0.3,
-            softmax=softmax,
-            config=_config(shape),
-            interpret=True,
+            q, k, v, e, lengths, gate_k_cache=gate_k, config=_config(BASE), interpret=True, **kwargs
         )
-        _check(out, q, k, v, e, lengths, gate_k=gate_k, nodiv=nodiv, scale=0.3)
+        kwargs.pop("softmax")
+        _check(out, q, k, v, e, lengths, gate_k=gate_k, **kwargs)
 
 
 def _logit_size(q, k, e, lengths) -> float:
@@ -317,36 +311,30 @@ def _logit_size(q, k, e, lengths) -> float:
 @pytest.mark.parametrize("softmax,splits", [("online", 3), ("unified_max", 3), ("unified_max", 1)])
 def test_huge_logits_are_exact(softmax, splits):
     """Logits of ±1e4: the unified max leaves its window and falls back, never NaN."""
-    shape = CopeDecodeShape(3, 60, 4, 2, 32, npos=16)
-    q, k, v, e, lengths = _inputs(shape, jnp.float32, _rng(), q_scale=4000.0)
+    q, k, v, e, lengths = _inputs(BASE, jnp.float32, _rng(), q_scale=4000.0)
     s_max = _logit_size(q, k, e, lengths)
     assert s_max > 5e3
     out = cope_decode_attention(
-        q, k, v, e, lengths, softmax=softmax, config=_config(shape, splits), interpret=True
+        q, k, v, e, lengths, softmax=softmax, config=_config(BASE, splits), interpret=True
     )
     # fp32 rounding of logits of size |s| moves the weights by ~eps·|s|: the reference itself
     # is only that close to the exact value (the gates are exactly 0 or 1: whole positions).
     _assert_close(out, reference_f64(q, k, v, e, lengths), jnp.float32, tol=1e-6 * s_max)
 
 
-PHI_SHAPE = CopeDecodeShape(2, 60, 4, 2, 16, npos=8)
-
-
 @pytest.mark.parametrize("phi", [1e4, -1e4, 75.0])
 def test_phi_out_of_window_is_exact(phi):
-    q, k, v, e, lengths = _inputs(PHI_SHAPE, jnp.float32, _rng())
-    out = cope_decode_attention(
-        q, k, v, e, lengths, phi=phi, config=_config(PHI_SHAPE), interpret=True
-    )
+    q, k, v, e, lengths = _inputs(BASE, jnp.float32, _rng())
+    out = cope_decode_attention(q, k, v, e, lengths, phi=phi, config=_config(BASE), interpret=True)
     _check(out, q, k, v, e, lengths)
 
 
 def test_per_head_phi_under_jit():
-    q, k, v, e, lengths = _inputs(PHI_SHAPE, jnp.float32, _rng())
+    q, k, v, e, lengths = _inputs(BASE, jnp.float32, _rng())
     phi = jnp.asarray([0.0, 2.0, -3.0, 1e4], jnp.float32)  # the last head falls back
     fn = jax.jit(
         lambda q, k, v, e, n, phi: cope_decode_attention(
-            q, k, v, e, n, phi=phi, config=_config(PHI_SHAPE), interpret=True
+            q, k, v, e, n, phi=phi, config=_config(BASE), interpret=True
         )
     )
     _check(fn(q, k, v, e, lengths, phi), q, k, v, e, lengths)
@@ -354,35 +342,31 @@ def test_per_head_phi_under_jit():
 
 @pytest.mark.parametrize("splits", [1, 3])
 def test_zero_and_overlong_lengths(splits):
-    q, k, v, e, _ = _inputs(PHI_SHAPE, jnp.float32, _rng())
-    lengths = jnp.asarray([0, 1000], jnp.int32)
-    out = cope_decode_attention(
-        q, k, v, e, lengths, config=_config(PHI_SHAPE, splits), interpret=True
-    )
+    q, k, v, e, _ = _inputs(BASE, jnp.float32, _rng())
+    lengths = jnp.asarray([0, 1000, 5], jnp.int32)
+    out = cope_decode_attention(q, k, v, e, lengths, config=_config(BASE, splits), interpret=True)
     assert (np.asarray(out[0]) == 0).all()
-    _check(out, q, k, v, e, [0, 60])
+    _check(out, q, k, v, e, [0, 60, 5])
 
 
 @pytest.mark.parametrize("splits", [1, 3])
 def test_non_finite_inputs(splits):
     """Keys past the length never matter, whatever they hold; a NaN value or gate key at a valid
     key makes its rows NaN, also when the gate sits in a saturated split."""
-    shape = CopeDecodeShape(3, 60, 4, 2, 16, npos=4)
     rng = _rng()
-    q, k, v, e, lengths = _inputs(shape, jnp.float32, rng, lengths=[60, 30, 45], gates="near_1")
+    q, k, v, e, lengths = _inputs(BASE, jnp.float32, rng, lengths=[60, 30, 45], gates="near_1")
     k, v = np.array(k), np.array(v)
-    gate_k = k.copy()  # gates near 1: row 2 saturates within its last 4 keys
+    gate_k = k.copy()  # gates near 1: row 2 saturates within its last 8 keys
     k[1, 30:], v[1, 30:], gate_k[1, 30:] = np.nan, np.inf, np.nan  # past row 1's length
     v[0, 5, 0, 3] = np.nan  # a valid value: row 0, kv head 0
     gate_k[2, 2, 1, 0] = np.nan  # a valid gate key far left of row 2's last key: kv head 1
     args = [jnp.asarray(x, jnp.float32) for x in (q, k, v, e)]
     gate_k = jnp.asarray(gate_k, jnp.float32)
     out = cope_decode_attention(
-        *args, lengths, gate_k_cache=gate_k, config=_config(shape, splits), interpret=True
+        *args, lengths, gate_k_cache=gate_k, config=_config(BASE, splits), interpret=True
     )
     if splits > 1:  # the NaN gate's split (keys 0..31) ran saturated, no recompute
-        config = _config(shape, splits)
-        assert not _recomputed(*args, lengths, config, gate_k=gate_k)[2, 1, 0]
+        assert not _recomputed(*args, lengths, _config(BASE), gate_k=gate_k)[2, 1, 0]
     ref = reference_f64(*args, lengths, gate_k=gate_k)
     np.testing.assert_array_equal(np.isnan(np.asarray(out)), np.isnan(ref))
     assert np.isnan(ref[0, :2]).all() and np.isnan(ref[2, 2:]).all()
@@ -404,29 +388,28 @@ def test_default_config():
 
 
 def test_first_pass_gate_totals():
-    shape = CopeDecodeShape(3, 100, 4, 2, 32, npos=8)
     rng = _rng()
-    q, k, v, e, lengths = _inputs(shape, jnp.float32, rng, lengths=[100, 20, 1])
+    q, k, v, e, lengths = _inputs(BASE, jnp.float32, rng, lengths=[60, 20, 1])
     gate_k = jnp.asarray(rng.standard_normal(k.shape), jnp.float32)
-    config = DecodeConfig(block_k=16, num_splits=3)
-    split_len, splits = split_layout(100, 3, 16)
+    config = _config(BASE)
+    split_len, splits = split_layout(60, config.num_splits, 16)
     for gk in (None, gate_k):
         first = cope_decode_partials(
-            q.reshape(3, 2, 2, 32),
+            q.reshape(3, 2, 2, 16),
             k,
             v,
             gk,
             lengths,
             jnp.zeros((2, 2), jnp.float32),
             position_logits(q, e).reshape(3, 2, 2, 8),
-            scale=0.2,
-            pos_scale=0.2,
+            scale=0.25,
+            pos_scale=0.25,
             softmax="online",
             config=config,
             interpret=True,
         )
         want = split_gate_totals_reference(
-            q, k if gk is None else gk, lengths, scale=0.2, split_len=split_len
+            q, k if gk is None else gk, lengths, scale=0.25, split_len=split_len
         )
         assert first.gate_totals.shape == (3, 2, splits, 2)
         np.testing.assert_allclose(first.gate_totals, want, rtol=1e-5, atol=1e-5)
