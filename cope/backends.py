@@ -44,6 +44,7 @@ class Call:
     causal: bool
     lengths: jax.Array | None  # [B]
     q_offset: int | jax.Array | None  # [B] or scalar: key position of query 0
+    segment_ids: jax.Array | None  # [B, T] (T == S): packed sequences
     scale: float
     bias: jax.Array | None  # [B or 1, H or 1, T, S], q·k units
     cope: F.CoPE | None
@@ -53,7 +54,7 @@ class Call:
     @property
     def one_query_per_row(self) -> bool:
         """One new query against a cache, masked by `lengths` alone (a decode step)."""
-        return self.q.shape[1] == 1 and not self.causal
+        return self.q.shape[1] == 1 and not self.causal and self.segment_ids is None
 
 
 class Backend:
@@ -87,10 +88,18 @@ class Reference(Backend):
             causal=call.causal,
             lengths=call.lengths,
             q_offset=call.q_offset,
+            segment_ids=call.segment_ids,
             scale=call.scale,
             bias=call.bias,
             cope=call.cope,
         )
+
+
+def _kernel_takes_segments(kernel, call: Call) -> str | None:
+    """Why a kernel cannot take this call's segment ids (None when it can or there are none)."""
+    if call.segment_ids is None or getattr(kernel, "TAKES_SEGMENT_IDS", False):
+        return None
+    return "no segment_ids (packed sequences) yet"
 
 
 class Flash(Backend):
@@ -105,15 +114,24 @@ class Flash(Backend):
             return "takes no bias (relative PE)"
         if call.q_offset is not None:
             return "queries must end at the last key (no q_offset)"
-        return flash_api.why_unsupported(call.q, call.k, call.v)
+        return _kernel_takes_segments(flash_api, call) or flash_api.why_unsupported(
+            call.q, call.k, call.v
+        )
 
     def auto_ok(self, call: Call) -> bool:
         # A one-query step pads to a whole query block: the reference is as fast there.
         return not call.one_query_per_row
 
     def run(self, call: Call) -> jax.Array:
+        segments = {} if call.segment_ids is None else {"segment_ids": call.segment_ids}
         return flash_api.flash_attention(
-            call.q, call.k, call.v, causal=call.causal, lengths=call.lengths, scale=call.scale
+            call.q,
+            call.k,
+            call.v,
+            causal=call.causal,
+            lengths=call.lengths,
+            scale=call.scale,
+            **segments,
         )
 
 
@@ -183,7 +201,7 @@ class CoPEFlash(Backend):
             return "takes no bias (cope+relative)"
         if call.q_offset is not None:
             return "queries must end at the last key (no q_offset)"
-        return kernel.why_unsupported(
+        return _kernel_takes_segments(kernel, call) or kernel.why_unsupported(
             call.q, call.k, call.v, call.cope.table, gate_k=call.cope.gate_k
         )
 
@@ -202,6 +220,7 @@ class CoPEFlash(Backend):
             scale=call.scale,
             nodiv=call.cope.nodiv,
             gate_k=call.cope.gate_k,
+            **({} if call.segment_ids is None else {"segment_ids": call.segment_ids}),
         )
 
 
@@ -284,13 +303,29 @@ def choose(call: Call, impl: str = "auto") -> Backend:
     return REFERENCE
 
 
-def _call(q, k, v, *, causal, lengths, q_offset, scale, bias, cope, softmax, phi) -> Call:
+def _call(
+    q, k, v, *, causal, lengths, q_offset, segment_ids, scale, bias, cope, softmax, phi
+) -> Call:
     q, k, v = (jnp.asarray(x) if isinstance(x, list) else x for x in (q, k, v))
     if isinstance(lengths, list | tuple):
         lengths = jnp.asarray(lengths)
     F.check_qkv(q, k, v, lengths, bias=bias)
     if cope is not None:
         F.check_cope(q, k, cope)
+    if isinstance(segment_ids, list | tuple):
+        segment_ids = jnp.asarray(segment_ids)
+    if segment_ids is not None:
+        if q.shape[1] != k.shape[1] or segment_ids.shape != q.shape[:2]:
+            raise ValueError(
+                f"segment_ids must be [batch, q_len]={q.shape[:2]} for self-attention "
+                f"(q_len == kv_len), got shape {segment_ids.shape} with k {k.shape}"
+            )
+        if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+            raise ValueError(f"segment_ids must be an integer array, got {segment_ids.dtype}")
+        if q_offset is not None:
+            raise ValueError(
+                "segment_ids (packed sequences) and q_offset (a cache) exclude each other"
+            )
     return Call(
         q=q,
         k=k,
@@ -298,6 +333,7 @@ def _call(q, k, v, *, causal, lengths, q_offset, scale, bias, cope, softmax, phi
         causal=causal,
         lengths=lengths,
         q_offset=q_offset,
+        segment_ids=segment_ids,
         scale=q.shape[-1] ** -0.5 if scale is None else float(scale),
         bias=bias,
         cope=cope,
@@ -314,6 +350,7 @@ def attend(
     causal: bool = True,
     lengths: jax.Array | None = None,
     q_offset: int | jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
     scale: float | None = None,
     bias: jax.Array | None = None,
     cope: F.CoPE | None = None,
@@ -330,6 +367,8 @@ def attend(
       lengths: [B] int, valid keys per sequence (padding, or the filled part of a cache).
       q_offset: key position of query 0, an int or [B] (appending to a cache); default S - T,
         the last query at the last key. Decode steps pass causal=False and `lengths` instead.
+      segment_ids: [B, T] int (self-attention, T == S): packed sequences; a query attends only
+        keys of its own segment (CoPE gates never count another segment's keys).
       scale: logit scale, default 1/sqrt(D).
       bias: [B or 1, H or 1, T, S] logits in q·k units, added before scaling (relative PE).
       cope: a `cope.functional.CoPE` (table, gate keys, nodiv) for CoPE attention.
@@ -350,6 +389,7 @@ def attend(
         causal=causal,
         lengths=lengths,
         q_offset=q_offset,
+        segment_ids=segment_ids,
         scale=scale,
         bias=bias,
         cope=cope,
@@ -365,6 +405,7 @@ def attend(
             causal=causal,
             lengths=call.lengths,
             q_offset=q_offset,
+            segment_ids=call.segment_ids,
             scale=call.scale,
             bias=bias,
             cope=cope,
@@ -383,6 +424,7 @@ def serving_backend(
     causal: bool = True,
     lengths=None,
     q_offset=None,
+    segment_ids=None,
     bias=None,
     cope: F.CoPE | None = None,
     impl: str = "auto",
@@ -396,6 +438,7 @@ def serving_backend(
         causal=causal,
         lengths=lengths,
         q_offset=q_offset,
+        segment_ids=segment_ids,
         scale=None,
         bias=bias,
         cope=cope,
@@ -411,4 +454,6 @@ def _describe(call: Call) -> str:
         parts.append(f"cope[{call.cope.table.shape[0]}]")
     if call.bias is not None:
         parts.append("bias")
+    if call.segment_ids is not None:
+        parts.append("segments")
     return " ".join(parts)

@@ -79,11 +79,14 @@ def attention_mask(
     causal: bool,
     lengths: jax.Array | None = None,
     q_offset: int | jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
 ) -> jax.Array:
     """Boolean mask of allowed (query, key) pairs, [B or 1, 1, T, S]; True = attend.
 
     With `causal`, query i sits at key position i + q_offset (default S - T, the last query at
     the last key; a [B] array places each row's queries, as when appending to a cache).
+    `segment_ids` [B, T] (self-attention, T == S: packed sequences) allows only pairs of one
+    segment.
     """
     mask = jnp.ones((1, 1, q_len, kv_len), dtype=bool)
     if causal:
@@ -93,6 +96,8 @@ def attention_mask(
         mask = mask & (jnp.arange(kv_len)[None, :] <= q_pos)
     if lengths is not None:
         mask = mask & (jnp.arange(kv_len)[None, :] < lengths[:, None])[:, None, None, :]
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
     return mask
 
 
@@ -269,6 +274,7 @@ def reference_attention(
     causal: bool = True,
     lengths: jax.Array | None = None,
     q_offset: int | jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
     scale: float | None = None,
     bias: jax.Array | None = None,
     cope: CoPE | None = None,
@@ -282,7 +288,14 @@ def reference_attention(
     `positions` (what `calibrate` and the analysis tools read).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    mask = attention_mask(q.shape[1], k.shape[1], causal=causal, lengths=lengths, q_offset=q_offset)
+    mask = attention_mask(
+        q.shape[1],
+        k.shape[1],
+        causal=causal,
+        lengths=lengths,
+        q_offset=q_offset,
+        segment_ids=segment_ids,
+    )
     parts = {}
     if cope is None:
         logits = _dot_logits(q, k)
@@ -308,6 +321,7 @@ def attention(
     lengths: jax.Array | None = None,
     scale: float | None = None,
     bias: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
     impl: str = "xla",
 ) -> jax.Array:
     """Softmax attention `softmax(scale·(q·k + bias)) v` with causal/padding masks and GQA.
@@ -320,6 +334,7 @@ def attention(
       scale: logit scale, default 1/sqrt(D).
       bias: optional [B or 1, H or 1, T, S] logits added to q·k *before* scaling (the units of
         q·k, as the relative-position term q·r[i-j]).
+      segment_ids: optional [B, T] int (T == S): packed sequences, attention only within one.
       impl: "xla" (this reference), "pallas" (a kernel, or a one-line error saying why none
         serves the call), "auto" or a backend name; see `cope.backends.attend`.
 
@@ -328,7 +343,17 @@ def attention(
     """
     from cope.backends import attend  # the seam; it imports this module
 
-    return attend(q, k, v, causal=causal, lengths=lengths, scale=scale, bias=bias, impl=impl)
+    return attend(
+        q,
+        k,
+        v,
+        causal=causal,
+        lengths=lengths,
+        scale=scale,
+        bias=bias,
+        segment_ids=segment_ids,
+        impl=impl,
+    )
 
 
 def cope_attention(
@@ -343,6 +368,7 @@ def cope_attention(
     nodiv: bool = False,
     gate_k: jax.Array | None = None,
     bias: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
     impl: str = "xla",
 ) -> jax.Array:
     """CoPE attention as Meta's official `ContextPosSelfAttn` (facebookresearch/RAM, projects/cope).
@@ -359,6 +385,8 @@ def cope_attention(
       nodiv: add the position term after scaling (the paper's Appendix B code, `--cope-nodiv`).
       gate_k: optional [B, S, K, D] separate gate keys (the official `--cope-sep-key`).
       bias: optional logits in q·k units added before scaling (the `cope+rel` relative term).
+      segment_ids: optional [B, T] (T == S): packed sequences; gates never count keys of
+        another segment, so positions restart in each.
       impl: as `attention` ("pallas": the fused CoPE kernel).
 
     Returns:
@@ -368,7 +396,16 @@ def cope_attention(
 
     cope = CoPE(table=pos_emb, gate_k=gate_k, nodiv=nodiv)
     return attend(
-        q, k, v, causal=causal, lengths=lengths, scale=scale, bias=bias, cope=cope, impl=impl
+        q,
+        k,
+        v,
+        causal=causal,
+        lengths=lengths,
+        scale=scale,
+        bias=bias,
+        cope=cope,
+        segment_ids=segment_ids,
+        impl=impl,
     )
 
 

@@ -206,6 +206,7 @@ class Attention(nnx.Module):
         lengths: jax.Array | None,
         rel_table: jax.Array | None,
         cope_table: jax.Array | None,
+        segment_ids: jax.Array | None = None,
         cache=None,
         softmax: str = "unified_max",
         phi: jax.Array | None = None,
@@ -224,7 +225,7 @@ class Attention(nnx.Module):
         b, t, _ = x.shape
         q, k, v, gate_k = self.project(x, positions)
         q_offset = None  # the relative term's query placement: the last query at the last key
-        mask = dict(causal=True, lengths=lengths)
+        mask = dict(causal=True, lengths=lengths, segment_ids=segment_ids)
         new_cache = None
         if cache is not None:
             new_cache = cache.append(k, v, gate_k)
@@ -401,6 +402,7 @@ class Transformer(nnx.Module):
         *,
         lengths: jax.Array | None = None,
         positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
         cache=None,
         logits_at: jax.Array | None = None,
         softmax: str = "unified_max",
@@ -414,7 +416,11 @@ class Transformer(nnx.Module):
           lengths: [B] int. Without a cache, the valid (unpadded) tokens per row: keys past it
             are masked, padded queries still produce logits. With a cache, how many of the T
             new tokens of each row are valid (default T; 0 leaves a row's cache unchanged).
-          positions: [B, T] token positions, default 0..T-1, or each row's cache length + t.
+          positions: [B, T] token positions, default 0..T-1 (from 0 in each segment), or each
+            row's cache length + t.
+          segment_ids: [B, T] int, packed rows: several sequences per row, each a run of equal
+            ids; attention stays within a segment and positions restart in each, so a packed
+            row gives what each sequence gives alone. Not with a cache.
           cache: a `decoding.KVCache`. The T tokens continue each row of the cache: a fresh
             (empty) cache is filled by a prefill, else they are appended (T = 1: a decode step).
           logits_at: [B] int, return only the logits [B, V] at index logits_at[b] (generation
@@ -430,6 +436,16 @@ class Transformer(nnx.Module):
             raise ValueError(f"tokens must be [batch, seq_len], got shape {tokens.shape}")
         tokens = self._checked_tokens(tokens)
         b, t = tokens.shape
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError("segment_ids (packed rows) cannot be used with a cache")
+            if segment_ids.shape != tokens.shape:
+                raise ValueError(
+                    f"segment_ids must have the shape of tokens {tokens.shape}, "
+                    f"got {segment_ids.shape}"
+                )
+            if positions is None:
+                positions = segment_positions(segment_ids)
         if positions is None and cache is not None and not cache.fresh:
             positions = cache.lengths[:, None]  # [B, 1]: each row's next position
             if t > 1:
@@ -455,6 +471,7 @@ class Transformer(nnx.Module):
                 lengths=lengths,
                 rel_table=rel_table,
                 cope_table=cope_table,
+                segment_ids=segment_ids,
                 softmax=softmax,
                 phi=layer_phi,
             )
@@ -492,6 +509,17 @@ class Transformer(nnx.Module):
             return jnp.asarray(tokens)
         # jnp.take fills out-of-range rows with NaN but wraps negative ids: send those out too.
         return jnp.where(tokens < 0, vocab, tokens)
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """[B, T] int positions that restart at 0 where segment_ids changes along the row."""
+    t = segment_ids.shape[1]
+    index = jnp.arange(t, dtype=jnp.int32)
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1
+    )
+    first = jax.lax.cummax(jnp.where(starts, index, 0), axis=1)  # [B, T] start of each segment
+    return index - first
 
 
 def attention_intermediates(

@@ -230,3 +230,34 @@ def test_from_dict_rejects_unknown_fields():
 def test_bad_token_shape_raises():
     with pytest.raises(ValueError, match="tokens must be"):
         make_model(tiny("none"))(jnp.zeros((3,), jnp.int32))
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+def test_packed_row_equals_each_sequence_alone(encoding):
+    """segment_ids: a row holding two sequences (and a padding segment) gives each sequence's
+    own logits, and the gradient of a loss over the packed row is the sum of the gradients of
+    the same loss over the sequences alone."""
+    model = make_model(tiny(encoding))
+    a, b = tokens(1, 5), tokens(1, 7)
+    packed = jnp.concatenate([a, b, jnp.zeros((1, 3), jnp.int32)], axis=1)  # [1, 15]
+    segments = jnp.asarray([[0] * 5 + [1] * 7 + [2] * 3], jnp.int32)
+    weights = jax.random.normal(jax.random.key(0), (1, 15, V))
+
+    def loss_packed(m):
+        return jnp.sum(m(packed, segment_ids=segments)[:, :12] * weights[:, :12])
+
+    def loss_alone(m):
+        return jnp.sum(m(a) * weights[:, :5]) + jnp.sum(m(b) * weights[:, 5:12])
+
+    logits = model(packed, segment_ids=segments)
+    np.testing.assert_allclose(logits[:, :5], model(a), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(logits[:, 5:12], model(b), atol=1e-5, rtol=1e-5)
+    got, want = nnx.grad(loss_packed)(model), nnx.grad(loss_alone)(model)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-4)
+
+
+def test_segment_ids_errors():
+    model = make_model(tiny("cope"))
+    with pytest.raises(ValueError, match="segment_ids must have the shape of tokens"):
+        model(tokens(2, 5), segment_ids=jnp.zeros((2, 4), jnp.int32))
