@@ -173,7 +173,7 @@ def cope_decode_attention(
         raise ValueError(f"softmax must be one of {SOFTMAX_MODES}, got {softmax!r}")
     if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
-    if scale is not None and not isinstance(scale, (int, float)):
+    if scale is not None and not isinstance(scale, (int, float, np.integer, np.floating)):
         raise ValueError(f"scale must be a Python float or None, got {type(scale).__name__}")
     batch, heads, head_dim = q.shape
     max_len, kv_heads = k_cache.shape[1], k_cache.shape[2]
