@@ -206,7 +206,8 @@ def _query_kernel(
     n_sat = last_saturated + 1
     band_total = jnp.where(unsaturable, gate_total, band_total)
 
-    # 2. Band tiles, left to right from the first unsaturated one.
+    # 2. Band tiles, left to right from the first unsaturated one. Statements are ordered so
+    # that tile-sized temporaries die early (the kernel is register-bound).
     def band_body(kv_block, state):
         dq, band, dp_carry = state
         keys = pl.ds(kv_block * block_k, block_k)
@@ -219,17 +220,32 @@ def _query_kernel(
         frac = pos - lower
         index = lower.astype(jnp.int32)
         z_lower = z_ref[gather_rows, index]  # [block_q, block_k]
-        z_upper = z_ref[gather_rows, jnp.minimum(index + 1, npos - 1)]
-        z_step = z_upper - z_lower
+        z_step = z_ref[gather_rows, jnp.minimum(index + 1, npos - 1)] - z_lower
         z_pos = z_lower + frac * z_step
         logits = (s + z_pos) * scale if not nodiv else s * scale + z_pos
         p = jnp.where(valid, jnp.exp(logits - lse[:, None]), 0.0)
-        dp_ = _dot(do, v, trans_b=True)  # [block_q, block_k]
-        ds = p * (dp_ - delta[:, None])
+        ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
+        dv_tile = _dot(p.astype(do.dtype), do, trans_a=True)  # [block_k, D]
         ds_pos = ds * pos_scale
 
+        # Gate gradient: a prefix sum of dp along the keys, through the sigmoid.
+        dpos = jnp.where(frac > 0.0, ds_pos * z_step, 0.0)
+        dg = dp_carry[:, None] + jnp.cumsum(dpos, axis=1)
+        dgate_logits = dg * g * (1.0 - g) * scale  # g = 0 on masked pairs
+        dlogits = ds * scale
+        if separate_gate_k:
+            dq = dq + _dot(dlogits.astype(k.dtype), k) + _dot(dgate_logits.astype(gk.dtype), gk)
+            dk_tile = _dot(dlogits.astype(q.dtype), q, trans_a=True)
+            dgk_tile = _dot(dgate_logits.astype(q.dtype), q, trans_a=True)
+            locked_add(kv_block, ((dk_ref, dk_tile), (dv_ref, dv_tile), (dgk_ref, dgk_tile)))
+        else:
+            dboth = dlogits + dgate_logits
+            dq = dq + _dot(dboth.astype(k.dtype), k)
+            dk_tile = _dot(dboth.astype(q.dtype), q, trans_a=True)
+            locked_add(kv_block, ((dk_ref, dk_tile), (dv_ref, dv_tile)))
+
         # dz: each run end j adds the run's prefix sums at ⌊p_j⌋ (and ⌊p_j⌋ + 1) and subtracts
-        # them at the next run's bins, so each scatter hits every (row, bin) at most once.
+        # them at the next run's bins, so each update hits every (row, bin) at most once.
         lower_next = _dot(lower.astype(jnp.float16), shift)  # [block_q, block_k] ⌊p_{j+1}⌋
         changes = lower_next != lower
         ends = changes | last_col
@@ -241,23 +257,6 @@ def _query_kernel(
         dz_add(index + 1, high_sums, ends)
         dz_add(index_next, -low_sums, nexts)
         dz_add(index_next + 1, -high_sums, nexts)
-
-        # Gate gradient: a prefix sum of dp along the keys, through the sigmoid.
-        dpos = jnp.where(frac > 0.0, ds_pos * z_step, 0.0)
-        dg = dp_carry[:, None] + jnp.cumsum(dpos, axis=1)
-        dgate_logits = dg * g * (1.0 - g) * scale  # g = 0 on masked pairs
-        dlogits = ds * scale
-        dv_tile = _dot(p.astype(do.dtype), do, trans_a=True)  # [block_k, D]
-        if separate_gate_k:
-            dq = dq + _dot(dlogits.astype(k.dtype), k) + _dot(dgate_logits.astype(gk.dtype), gk)
-            dk_tile = _dot(dlogits.astype(q.dtype), q, trans_a=True)
-            dgk_tile = _dot(dgate_logits.astype(q.dtype), q, trans_a=True)
-            locked_add(kv_block, ((dk_ref, dk_tile), (dv_ref, dv_tile), (dgk_ref, dgk_tile)))
-        else:
-            dboth = dlogits + dgate_logits
-            dq = dq + _dot(dboth.astype(k.dtype), k)
-            dk_tile = _dot(dboth.astype(q.dtype), q, trans_a=True)
-            locked_add(kv_block, ((dk_ref, dk_tile), (dv_ref, dv_tile)))
         return dq, band - jnp.sum(g, axis=1), dp_carry + jnp.sum(dpos, axis=1)
 
     # 3. Saturated tiles: no mask (every row sees a key right of them), constant position.
@@ -409,6 +408,46 @@ def cope_attention_bwd(
       dq, dk, dv (their inputs' dtypes), dpos_emb [N, D] (pos_emb's dtype), dgate_k (gate_k's
       dtype; None when gate_k is None).
     """
+    grads, _ = backward_with_saturation(
+        q,
+        k,
+        v,
+        pos_emb,
+        gate_k,
+        lengths,
+        out,
+        lse,
+        gate_total,
+        dout,
+        causal=causal,
+        scale=scale,
+        nodiv=nodiv,
+        config=config,
+        interpret=interpret,
+    )
+    return grads
+
+
+def backward_with_saturation(
+    q,
+    k,
+    v,
+    pos_emb,
+    gate_k,
+    lengths,
+    out,
+    lse,
+    gate_total,
+    dout,
+    *,
+    causal: bool,
+    scale: float | None,
+    nodiv: bool,
+    config: BackwardConfig | None,
+    interpret: bool,
+):
+    """`cope_attention_bwd`, plus n_sat [B, H, T_pad / block_q] int32: the number of leading
+    key tiles of each query block that ran as saturated (plain flash) tiles."""
     _check(q, k, v, pos_emb, gate_k, lengths, out, lse, gate_total, dout)
     batch, q_len, heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
@@ -543,20 +582,21 @@ def cope_attention_bwd(
     )(qp, dop, lse, delta, z_sat, n_sat, kp, vp, dk_acc, dv_acc)
 
     # dz [B, H, T, N]: the band histogram plus the saturated tiles' Σ ds' at npos - 1. Its two
-    # matmuls run in q's dtype (fp32 inputs at full fp32 precision, not tf32).
-    dz = dz[:, :, :q_len, :npos].at[..., npos - 1].add(dz_sat[:, :, :q_len]).astype(q.dtype)
+    # small matmuls run in fp32 (full precision for fp32 inputs).
+    dz = dz[:, :, :q_len, :npos].at[..., npos - 1].add(dz_sat[:, :, :q_len])
     precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
-    e = pos_emb.astype(q.dtype)
-    dq_pos = jnp.einsum("bhtn,nd->bthd", dz, e, precision=precision, preferred_element_type=f32)
-    dq = dq[:, :q_len, :, :head_dim] + dq_pos
-    dpos_emb = jnp.einsum("bhtn,bthd->nd", dz, q, precision=precision, preferred_element_type=f32)
+    e = pos_emb.astype(q.dtype).astype(f32)
+    q32 = q.astype(f32)
+    dq = dq[:, :q_len, :, :head_dim] + jnp.einsum("bhtn,nd->bthd", dz, e, precision=precision)
+    dpos_emb = jnp.einsum("bhtn,bthd->nd", dz, q32, precision=precision)
     dgate_k = None
     if separate:
         dgate_k = dgk_acc[0][:, :kv_len, :, :head_dim].astype(gate_k.dtype)
-    return (
+    grads = (
         dq.astype(q.dtype),
         dk[:, :kv_len, :, :head_dim],
         dv[:, :kv_len, :, :head_dim],
         dpos_emb.astype(pos_emb.dtype),
         dgate_k,
     )
+    return grads, n_sat
