@@ -1,7 +1,8 @@
-"""Generation benchmark: GPT-2-small-size model (random bf16 weights), tokens/s and ms per output
-token for the decode-kernel path, the XLA attention path and no-cache recomputation.
+"""Generation benchmark: GPT-2-small-size models (random bf16 weights; absolute, RoPE and CoPE
+with npos 64), TTFT (prefill + first token), TPOT (time per output token) and tokens/s for the
+kernel path, the XLA attention path and no-cache recomputation.
 
-Run: `python -m experiments.bench_kernels generate` (H100); `--quick` for a CPU smoke run.
+Run: `python -m experiments.bench_kernels generate` (GPU); `--quick` for a CPU smoke run.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cope.model import GPT2_SMALL, ModelConfig, Transformer
+from cope.model import GPT2_SMALL, ModelConfig, Transformer, with_attention_impl
 from decoding import calibrate, generate, generate_uncached, greedy
 from experiments.bench.common import default_out
 
@@ -30,7 +31,9 @@ BATCHES = (1, 8, 64)
 UNCACHED_STEPS = {1: 64, 8: 32, 64: 8}
 # Variants, most important first; "kernel-online" runs last and is skipped when time is short.
 VARIANTS = ("kernel", "xla", "no-cache", "kernel-online")
-TIME_BUDGET_S = 200.0  # stay inside a short device lease
+ENCODINGS = ("absolute", "rope", "cope")
+QUICK_ENCODINGS = ("absolute", "cope")
+TIME_BUDGET_S = 420.0  # stay inside a short device lease
 
 
 @dataclasses.dataclass
@@ -41,9 +44,10 @@ class GenRecord:
     batch: int
     prompt: int
     new_tokens: int
-    prefill_ms: float | None = None  # prefill + first token (generate with num_steps=1)
+    encoding: str = "absolute"
+    ttft_ms: float | None = None  # time to first token: prefill + first token (num_steps=1)
     total_ms: float | None = None  # prefill + all new tokens (extrapolated for no-cache)
-    ms_per_token: float | None = None  # one decode step for the whole batch
+    tpot_ms: float | None = None  # time per output token: one decode step for the whole batch
     tokens_per_s: float | None = None  # batch · new_tokens / total
     steps_timed: int | None = None
     note: str = ""
@@ -60,7 +64,7 @@ def _median_ms(fn, runs: int) -> float:
     return float(np.median(times) * 1e3)
 
 
-def model_config(quick: bool, attention_impl: str) -> ModelConfig:
+def model_config(quick: bool, attention_impl: str, encoding: str = "absolute") -> ModelConfig:
     if quick:
         return ModelConfig(
             vocab_size=512,
@@ -68,7 +72,8 @@ def model_config(quick: bool, attention_impl: str) -> ModelConfig:
             d_model=64,
             num_heads=4,
             max_len=128,
-            encoding="absolute",
+            npos=16,
+            encoding=encoding,
             post_norm=False,
             attention_impl=attention_impl,
             dtype="bfloat16",
@@ -77,18 +82,26 @@ def model_config(quick: bool, attention_impl: str) -> ModelConfig:
     return ModelConfig(
         vocab_size=50257,
         **GPT2_SMALL,
-        encoding="absolute",
+        encoding=encoding,
         attention_impl=attention_impl,
         dtype="bfloat16",
         param_dtype="bfloat16",
     )
 
 
+def _random_cope_tables(model: Transformer, seed: int) -> None:
+    """CoPE tables start at zero (a position-free model); random ones exercise the term."""
+    for path, param in nnx.iter_graph(model):
+        if path and path[-1] == "table" and isinstance(param, nnx.Param):
+            key = jax.random.key(seed)
+            param[...] = (jax.random.normal(key, param.shape) * 0.1).astype(param.dtype)
+
+
 def bench_one(
     variant: str, model, prompts, lengths, phi, runs: int, new: int, uncached_steps: int
 ) -> GenRecord:
     batch, prompt = prompts.shape
-    rec = GenRecord(variant, batch, prompt, new)
+    rec = GenRecord(variant, batch, prompt, new, encoding=model.cfg.encoding)
     if variant == "no-cache":
 
         def gen(steps):
@@ -117,11 +130,11 @@ def bench_one(
     jax.block_until_ready(out)
     jax.block_until_ready(gen(1))
     assert int(out.lengths.min()) == timed, "greedy generation stopped early"
-    rec.prefill_ms = _median_ms(lambda: gen(1), runs)
+    rec.ttft_ms = _median_ms(lambda: gen(1), runs)
     measured = _median_ms(lambda: gen(timed), runs)
     rec.steps_timed = timed
-    rec.ms_per_token = (measured - rec.prefill_ms) / (timed - 1)
-    rec.total_ms = rec.prefill_ms + rec.ms_per_token * (new - 1)
+    rec.tpot_ms = (measured - rec.ttft_ms) / (timed - 1)
+    rec.total_ms = rec.ttft_ms + rec.tpot_ms * (new - 1)
     rec.tokens_per_s = batch * new / (rec.total_ms * 1e-3)
     if timed < new:
         rec.note = (
@@ -134,15 +147,16 @@ def bench_one(
 
 def _table(records: list[GenRecord]) -> str:
     lines = [
-        "| batch | variant | prefill+1st (ms) | ms / output step | tokens/s | total (s) | note |",
-        "|---|---|---|---|---|---|---|",
+        "| encoding | batch | variant | TTFT (ms) | TPOT (ms) | tokens/s | total (s) | note |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
+        head = f"| {r.encoding} | {r.batch} | {r.variant} |"
         if r.error:
-            lines.append(f"| {r.batch} | {r.variant} | err | err | err | err | {r.error} |")
+            lines.append(f"{head} err | err | err | err | {r.error} |")
             continue
         lines.append(
-            f"| {r.batch} | {r.variant} | {r.prefill_ms:.1f} | {r.ms_per_token:.3f} | "
+            f"{head} {r.ttft_ms:.1f} | {r.tpot_ms:.3f} | "
             f"{r.tokens_per_s:.0f} | {r.total_ms / 1e3:.2f} | "
             f"{'extrapolated' if r.note else ''} |"
         )
@@ -168,7 +182,9 @@ def _write(records: list[GenRecord], out: str, title: str, extra: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    ok = [r for r in records if not r.error]
+    ok = [
+        dataclasses.replace(r, variant=f"{r.encoding} {r.variant}") for r in records if not r.error
+    ]
     variants = list(dict.fromkeys(r.variant for r in ok))
     batches = sorted({r.batch for r in ok})
     width = 0.8 / max(len(variants), 1)
@@ -195,16 +211,21 @@ def run(out: str | None = None, iters: int = 20, quick: bool = False) -> list[Ge
     prompt, new = (32, 16) if quick else (PROMPT, NEW)
     batches = (1, 2) if quick else BATCHES
     runs = max(1, min(iters, 5))  # whole generations are long; 5 runs give a stable median
-    models = {
-        impl: Transformer(model_config(quick, impl), rngs=nnx.Rngs(0)) for impl in ("xla", "pallas")
-    }
-    for m in models.values():
-        m.eval()
-    cfg = models["xla"].cfg
+    encodings = QUICK_ENCODINGS if quick else ENCODINGS
+    models, phis = {}, {}
     rng = np.random.default_rng(0)
-    calib = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, prompt)), jnp.int32)
-    phi = calibrate(models["xla"], calib)
-    print(f"phi per layer: {np.round(np.asarray(phi), 3).tolist()}", flush=True)
+    for encoding in encodings:
+        xla = Transformer(model_config(quick, "xla", encoding), rngs=nnx.Rngs(0))
+        if xla.cfg.spec.cope:
+            _random_cope_tables(xla, 0)
+        xla.eval()
+        models[encoding, "xla"] = xla
+        models[encoding, "pallas"] = with_attention_impl(xla, "pallas")
+        calib = jnp.asarray(rng.integers(0, xla.cfg.vocab_size, (2, prompt)), jnp.int32)
+        phis[encoding] = calibrate(xla, calib)
+        phi_list = np.round(np.asarray(phis[encoding]), 3).tolist()
+        print(f"{encoding}: phi per layer {phi_list}", flush=True)
+    cfg = models[encodings[0], "xla"].cfg
     if out is None:
         out = default_out("generate", quick)
     title = (
@@ -212,29 +233,31 @@ def run(out: str | None = None, iters: int = 20, quick: bool = False) -> list[Ge
         f"bf16 random weights, prompt {prompt}, {new} new tokens, greedy"
     )
     extra = (
-        "Variants: `kernel` = flash-attention prefill (attention_impl='pallas') + our split-KV "
-        "decode kernel (FlashDecoding++ unified max, φ per layer from `decoding.calibrate`); "
-        "`kernel-online` = the same with the online-softmax (Flash-Decoding) mode; `xla` = XLA "
-        "attention for prefill and decode; `no-cache` = every step re-runs the full model "
-        "(XLA attention) over the [B, prompt+new] buffer. All run as one jitted on-device "
-        "`lax.while_loop`. `prefill+1st` = `generate(num_steps=1)`; `ms / output step` = "
-        "(time of N steps - prefill+1st) / (N - 1), one decode step for the whole batch; "
-        "tokens/s = batch·new / (prefill+1st + (new-1)·step). Medians over "
-        f"{runs} whole generations after a warm-up. Encoding: learned absolute (GPT-2). "
-        f"φ per layer: {np.round(np.asarray(phi), 3).tolist()}."
+        "Variants: `kernel` = the model with attention_impl='pallas': flash-attention prefill "
+        "(the fused CoPE kernel for CoPE) + our split-KV decode kernel (the CoPE one for CoPE; "
+        "FlashDecoding++ unified max, φ per layer from `decoding.calibrate`); `kernel-online` = "
+        "the same with the online-softmax (Flash-Decoding) mode; `xla` = XLA attention for "
+        "prefill and decode; `no-cache` = every step re-runs the full model (XLA attention) "
+        "over the [B, prompt+new] buffer. All run as one jitted on-device `lax.while_loop`. "
+        "TTFT (time to first token) = `generate(num_steps=1)`: prefill + the first token; "
+        "TPOT (time per output token) = (time of N steps - TTFT) / (N - 1), one decode step "
+        "for the whole batch; tokens/s = batch·new / (TTFT + (new-1)·TPOT). Medians over "
+        f"{runs} whole generations after a warm-up. Encodings: {', '.join(encodings)} "
+        "(CoPE: npos from the GPT-2-small config, random tables)."
     )
     records: list[GenRecord] = []
-    order = [(v, b) for v in VARIANTS[:-1] for b in batches]
-    order = sorted(order, key=lambda vb: (vb[1], VARIANTS.index(vb[0])))
-    order += [(VARIANTS[-1], b) for b in batches]
-    for variant, batch in order:
+    order = [(e, v, b) for e in encodings for v in VARIANTS[:-1] for b in batches]
+    order = sorted(order, key=lambda evb: (evb[2], VARIANTS.index(evb[1])))
+    order += [(e, VARIANTS[-1], b) for e in encodings for b in batches]
+    for encoding, variant, batch in order:
         elapsed = time.perf_counter() - start
         if elapsed > TIME_BUDGET_S:
-            print(f"skip {variant} B{batch}: {elapsed:.0f}s elapsed", flush=True)
+            print(f"skip {encoding} {variant} B{batch}: {elapsed:.0f}s elapsed", flush=True)
             continue
         lengths = jnp.full((batch,), prompt, jnp.int32)
         prompts = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, prompt)), jnp.int32)
-        model = models["pallas" if variant.startswith("kernel") else "xla"]
+        model = models[encoding, "pallas" if variant.startswith("kernel") else "xla"]
+        phi = phis[encoding]
         t0 = time.perf_counter()
         try:
             steps = UNCACHED_STEPS.get(batch, 8) if not quick else 4
@@ -246,12 +269,13 @@ def run(out: str | None = None, iters: int = 20, quick: bool = False) -> list[Ge
                 batch,
                 prompt,
                 new,
+                encoding=encoding,
                 error=f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}",
             )
         rec.device = device
         records.append(rec)
         print(
-            f"{variant} B{batch}: {rec.ms_per_token} ms/step, {rec.tokens_per_s} tok/s "
+            f"{encoding} {variant} B{batch}: TPOT {rec.tpot_ms} ms, {rec.tokens_per_s} tok/s "
             f"({time.perf_counter() - t0:.0f}s incl. compile)",
             flush=True,
         )
