@@ -61,7 +61,6 @@ class Backend:
     """An attention implementation: `why_not(call)` (None when it serves the call) and `run`."""
 
     name: str = ""
-    kernel: bool = True  # a Pallas kernel (interpret mode without a GPU)
 
     def why_not(self, call: Call) -> str | None:
         raise NotImplementedError
@@ -75,7 +74,7 @@ class Backend:
 
 
 class Reference(Backend):
-    name, kernel = "xla", False
+    name = "xla"
 
     def why_not(self, call: Call) -> str | None:
         return None
