@@ -28,6 +28,8 @@ import jax.numpy as jnp
 
 from cope import functional as F
 from pallas_kernels import _device
+from pallas_kernels.cope_attention import api as cope_api
+from pallas_kernels.cope_decode_attention import api as cope_decode_api
 from pallas_kernels.decode_attention import api as decode_api
 from pallas_kernels.flash_attention import api as flash_api
 
@@ -175,32 +177,19 @@ def _one_query(q) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct((b, h, d), q.dtype)
 
 
-def _kernel_module(name: str):
-    """A kernel package that may not be installed in this checkout, or None."""
-    import importlib
-
-    try:
-        return importlib.import_module(f"pallas_kernels.{name}")
-    except ImportError:
-        return None
-
-
 class CoPEFlash(Backend):
     """`pallas_kernels.cope_attention`: the fused CoPE flash kernel, forward and backward."""
 
     name = "cope_flash"
 
     def why_not(self, call: Call) -> str | None:
-        kernel = _kernel_module("cope_attention")
-        if kernel is None:
-            return "the fused CoPE kernel is not available"
         if call.cope is None:
             return "needs a CoPE table"
         if call.bias is not None:
             return "takes no bias (cope+relative)"
         if call.q_offset is not None:
             return "queries must end at the last key (no q_offset)"
-        return _kernel_takes_segments(kernel, call) or kernel.why_unsupported(
+        return _kernel_takes_segments(cope_api, call) or cope_api.why_unsupported(
             call.q, call.k, call.v, call.cope.table, gate_k=call.cope.gate_k
         )
 
@@ -208,8 +197,7 @@ class CoPEFlash(Backend):
         return not call.one_query_per_row
 
     def run(self, call: Call) -> jax.Array:
-        kernel = _kernel_module("cope_attention")
-        return kernel.cope_attention(
+        return cope_api.cope_attention(
             call.q,
             call.k,
             call.v,
@@ -229,24 +217,20 @@ class CoPESplitKV(Backend):
     name = "cope_split_kv"
 
     def why_not(self, call: Call) -> str | None:
-        kernel = _kernel_module("cope_decode_attention")
-        if kernel is None:
-            return "the CoPE decode kernel is not available"
         if call.cope is None:
             return "needs a CoPE table"
         if not call.one_query_per_row:
             return "needs one query per row with causal=False (a decode step)"
         if call.bias is not None:
             return "takes no bias (cope+relative)"
-        return kernel.why_unsupported(
+        return cope_decode_api.why_unsupported(
             _one_query(call.q), call.k, call.v, call.cope.table, gate_k_cache=call.cope.gate_k
         )
 
     def run(self, call: Call) -> jax.Array:
-        kernel = _kernel_module("cope_decode_attention")
         b, s = call.k.shape[:2]
         lengths = jnp.full((b,), s, jnp.int32) if call.lengths is None else call.lengths
-        out = kernel.cope_decode_attention(
+        out = cope_decode_api.cope_decode_attention(
             call.q[:, 0],
             call.k,
             call.v,
