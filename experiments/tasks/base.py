@@ -16,6 +16,7 @@ Batch = dict[str, np.ndarray]
 SAMPLE_STREAM = 0
 TRAIN_STREAM = 1
 EVAL_STREAM = 2
+PACK_STREAM = 3  # the order of a packed epoch's rows
 
 
 class DataUnavailable(ValueError):
@@ -49,6 +50,13 @@ def check_choice(name: str, value: Any, allowed: Sequence[Any]) -> Any:
     return value
 
 
+def check_bool(name: str, value: Any) -> bool:
+    """Returns `value` as a bool, or raises a one-line ValueError naming the option."""
+    if not isinstance(value, bool | np.bool_):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
 def next_token_batch(tokens: np.ndarray, scored: np.ndarray) -> Batch:
     """Builds a next-token batch from full sequences.
 
@@ -65,6 +73,89 @@ def next_token_batch(tokens: np.ndarray, scored: np.ndarray) -> Batch:
         "targets": np.ascontiguousarray(tokens[:, 1:], dtype=np.int32),
         "loss_mask": np.ascontiguousarray(scored[:, 1:], dtype=bool),
     }
+
+
+def best_fit_rows(widths: np.ndarray, width: int) -> list[np.ndarray]:
+    """Packs items into rows of `width` positions by best fit decreasing.
+
+    Items are placed longest first (ties in index order), each into the open row it leaves with
+    the least room, or into a new row when none has room. Every decision depends on the sorted
+    widths alone, so any reordering of the same widths gives rows of the same widths.
+
+    Args:
+        widths: [n] int in 1..width, the positions each item fills.
+        width: the row width T.
+
+    Returns:
+        The rows, each an int64 array of item indices in the order placed.
+    """
+    widths = np.asarray(widths, np.int64)
+    if widths.size and (widths.min() < 1 or widths.max() > width):
+        raise ValueError(
+            f"widths must lie in 1..{width} (the row width), got {widths.min()}..{widths.max()}"
+        )
+    ranked = np.argsort(-widths, kind="stable")
+    full = ranked[widths[ranked] == width]  # fill a row alone; placed without the search
+    rows: list[list[int]] = [[int(i)] for i in full]
+    # Open rows by their room: rows_with_room[c] lists the rows with exactly c positions left.
+    rows_with_room: list[list[int]] = [[] for _ in range(width)]
+    room_count = np.zeros(width, np.int64)  # [T] len(rows_with_room[c])
+    for i in ranked[len(full) :]:
+        w = int(widths[i])
+        fitting = np.flatnonzero(room_count[w:])
+        if fitting.size:
+            room = w + int(fitting[0])
+            row = rows_with_room[room].pop()
+            room_count[room] -= 1
+            rows[row].append(int(i))
+        else:
+            room, row = width, len(rows)
+            rows.append([int(i)])
+        if room > w:
+            rows_with_room[room - w].append(row)
+            room_count[room - w] += 1
+    return [np.asarray(r, np.int64) for r in rows]
+
+
+def pack_examples(
+    examples: Batch, widths: np.ndarray, rows: Sequence[np.ndarray], fill: int
+) -> Batch:
+    """Lays examples side by side in rows, each example its own segment.
+
+    Example i keeps its first widths[i] inputs, targets and loss_mask, so every target of a
+    segment is a token of that segment's example (an example's last token is a target only,
+    never an input): no loss crosses from one example into the next. The rest of a row is
+    padding (inputs and targets `fill`, nothing scored) with a segment id of its own.
+
+    Args:
+        examples: [n, T] next-token batch, one example per row.
+        widths: [n] int, the positions each example fills (the rest of its row is padding).
+        rows: the packed rows, each an int array of indices into `examples`.
+        fill: the token id of padding.
+
+    Returns:
+        dict(inputs, targets, loss_mask, segment_ids) of shape [len(rows), T]; segment_ids
+        int32 counts 0, 1, ... along a row, one id per example and one for the padding.
+    """
+    n, width = len(rows), examples["inputs"].shape[1]
+    packed = {
+        "inputs": np.full((n, width), fill, np.int32),
+        "targets": np.full((n, width), fill, np.int32),
+        "loss_mask": np.zeros((n, width), bool),
+        "segment_ids": np.empty((n, width), np.int32),
+    }
+    for r, members in enumerate(rows):
+        start = 0
+        for segment, i in enumerate(members):
+            end = start + int(widths[i])
+            if end > width:
+                raise ValueError(f"row {r} holds {end} positions, more than the width {width}")
+            for key in ("inputs", "targets", "loss_mask"):
+                packed[key][r, start:end] = examples[key][i, : end - start]
+            packed["segment_ids"][r, start:end] = segment
+            start = end
+        packed["segment_ids"][r, start:] = len(members)
+    return packed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,6 +240,11 @@ class Task:
     (how `decode` joins tokens), and implement `seq_len` and `_batch`. Every batch is
     dict(inputs, targets, loss_mask) of shape [n, seq_len(split)]: int32, int32, bool.
 
+    With `pack`, training batches are packed: each row holds as many examples as fit, one
+    segment each, and carries `segment_ids` [n, T] int32 (see `pack_examples`); the model keeps
+    attention and positions within a segment, so a packed example trains as it would alone.
+    `sample` and `eval_batches` never pack.
+
     Randomness: every call derives a fresh `np.random.SeedSequence` from
     (seed, split index, stream tag, counter), so batches are pure functions of their
     arguments and different splits, steps and purposes draw independent numbers.
@@ -160,7 +256,8 @@ class Task:
     token_separator: str = ""
     pad_id: int | None = None
 
-    def __init__(self) -> None:
+    def __init__(self, *, pack: bool = False) -> None:
+        self.pack = check_bool("pack", pack)
         self._token_ids = {tok: i for i, tok in enumerate(self.vocab)}
 
     # ----- sizes -----------------------------------------------------------------------------
@@ -186,6 +283,19 @@ class Task:
         """Default number of examples `eval_batches` covers for `split`."""
         raise NotImplementedError
 
+    def example_widths(self, batch: Batch) -> np.ndarray:
+        """[n] int: the positions each row's example fills, up to the last whose target is one
+        of its tokens; the rest of the row is padding.
+
+        Only a task with a `pad_id` pads (its rows end in pad targets; the example's last token,
+        an input there, predicts padding); in the others every example fills its row.
+        """
+        n, width = batch["targets"].shape
+        if self.pad_id is None:
+            return np.full(n, width, np.int64)
+        real = batch["targets"] != self.pad_id  # [n, T]
+        return np.where(real.any(axis=1), width - np.argmax(real[:, ::-1], axis=1), 0)
+
     # ----- batches ---------------------------------------------------------------------------
 
     def _batch(self, split: str, n: int, seed_seq: np.random.SeedSequence) -> Batch:
@@ -210,13 +320,44 @@ class Task:
     def train_batch(self, seed: int, step: int, batch_size: int) -> Batch:
         """The training batch of `step`: a pure function of (seed, step, batch_size).
 
-        A run resumed at step s sees exactly the batches s, s+1, ... it would have seen.
+        A run resumed at step s sees exactly the batches s, s+1, ... it would have seen. With
+        `pack` the batch is `batch_size` packed rows; see `_packed_train_batch`.
         """
         seed = check_int("seed", seed, minimum=0)
         step = check_int("step", step, minimum=0)
         batch_size = check_int("batch_size", batch_size, minimum=1)
+        if self.pack:
+            return self._packed_train_batch(seed, step, batch_size)
         seed_seq = np.random.SeedSequence([seed, 0, TRAIN_STREAM, step])
         return self._batch(self.train_split, batch_size, seed_seq)
+
+    def _packed_train_batch(self, seed: int, step: int, batch_size: int) -> Batch:
+        """`batch_size` rows packed first fit with examples generated for this step alone.
+
+        Chunks of `batch_size` examples are drawn from (seed, step, chunk), chunk 0 being the
+        unpacked batch's; each example goes into the first row with room, until one fits in
+        none (it is dropped). Examples that fill their rows give the unpacked batch itself.
+        """
+        room = np.full(batch_size, self.seq_len(self.train_split))  # [B] positions left per row
+        chunks: list[Batch] = []
+        widths: list[np.ndarray] = []
+        placed: list[list[int]] = [[] for _ in range(batch_size)]  # indices into the chunks
+        full = False
+        while not full and room.max() > 0:
+            counter = [step] if not chunks else [step, len(chunks)]
+            seed_seq = np.random.SeedSequence([seed, 0, TRAIN_STREAM, *counter])
+            chunks.append(self._batch(self.train_split, batch_size, seed_seq))
+            widths.append(np.maximum(self.example_widths(chunks[-1]), 1))
+            for i, w in enumerate(widths[-1]):
+                fitting = np.flatnonzero(room >= w)
+                if not fitting.size:
+                    full = True
+                    break
+                room[fitting[0]] -= w
+                placed[fitting[0]].append((len(chunks) - 1) * batch_size + i)
+        examples = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+        rows = [np.asarray(p, np.int64) for p in placed]
+        return pack_examples(examples, np.concatenate(widths), rows, fill=self.pad_id or 0)
 
     def eval_batches(
         self, split: str, batch_size: int, *, num_examples: int | None = None, seed: int = 0
@@ -309,9 +450,12 @@ class FixedTask(Task):
     - `sample(split, n, seed)` draws n distinct rows (with replacement only if n > size);
     - `train_batch(seed, step, B)` reads the training set as back-to-back epochs, each a
       permutation drawn from (seed, epoch): rows step*B .. step*B+B-1 of that endless stream,
-      so one epoch is size/B steps and a resumed run continues mid-epoch exactly;
+      so one epoch is size/B steps and a resumed run continues mid-epoch exactly; with `pack`
+      the stream is of packed rows instead, each epoch every example once (`packed_rows`);
     - `eval_batches` walks the split in order (every row once; the last batch is filled).
     """
+
+    _packing: tuple[np.ndarray, list[np.ndarray]] | None = None
 
     def _rows(self, split: str, indices: np.ndarray) -> Batch:
         """The batch made of rows `indices` ([n] int) of `split`."""
@@ -326,6 +470,8 @@ class FixedTask(Task):
         seed = check_int("seed", seed, minimum=0)
         step = check_int("step", step, minimum=0)
         batch_size = check_int("batch_size", batch_size, minimum=1)
+        if self.pack:
+            return self._packed_train_batch(seed, step, batch_size)
         size = self.num_examples(self.train_split)
         stream = step * batch_size + np.arange(batch_size, dtype=np.int64)  # [B]
         epochs, offsets = np.divmod(stream, size)
@@ -334,6 +480,57 @@ class FixedTask(Task):
             here = epochs == epoch
             indices[here] = epoch_order(seed, int(epoch), size)[offsets[here]]
         return self._rows(self.train_split, indices)
+
+    def train_widths(self) -> np.ndarray:
+        """[size] int: the input positions each training example fills (`example_widths`)."""
+        size, width = self.num_examples(self.train_split), self.seq_len(self.train_split)
+        if self.pad_id is None:
+            return np.full(size, width, np.int64)
+        chunks = np.array_split(np.arange(size), max(1, size // 4096))
+        return np.concatenate(
+            [self.example_widths(self._rows(self.train_split, c)) for c in chunks]
+        )
+
+    def _packing_plan(self) -> tuple[np.ndarray, list[np.ndarray]]:
+        """(widths [size], rows): the training set packed once by `best_fit_rows`, the rows
+        holding positions in the examples' width order (longest first)."""
+        if self._packing is None:
+            widths = np.maximum(self.train_widths(), 1)
+            ranked = np.sort(widths)[::-1]
+            self._packing = (widths, best_fit_rows(ranked, self.seq_len(self.train_split)))
+        return self._packing
+
+    def packed_rows(self, seed: int, epoch: int) -> list[np.ndarray]:
+        """The rows of epoch `epoch` of the packed training stream, as example indices.
+
+        The plan's rows are filled with this epoch's examples: the ones of each width in the
+        epoch's order (`epoch_order`), the rows read in a permutation drawn from (seed, epoch).
+        So every epoch holds every example exactly once, in the same number of rows, and no
+        two examples are partners in every epoch.
+        """
+        widths, rows = self._packing_plan()
+        order = epoch_order(seed, epoch, len(widths))
+        ranked = order[np.argsort(-widths[order], kind="stable")]  # example of each position
+        row_order = np.random.default_rng(
+            np.random.SeedSequence([seed, 0, PACK_STREAM, epoch])
+        ).permutation(len(rows))
+        return [ranked[rows[r]] for r in row_order]
+
+    def _packed_train_batch(self, seed: int, step: int, batch_size: int) -> Batch:
+        """Rows step*B .. step*B+B-1 of the endless stream of packed epochs (`packed_rows`)."""
+        widths, plan = self._packing_plan()
+        stream = step * batch_size + np.arange(batch_size, dtype=np.int64)  # [B]
+        epochs, offsets = np.divmod(stream, len(plan))
+        members = [np.empty(0, np.int64)] * batch_size
+        for epoch in np.unique(epochs):
+            epoch_rows = self.packed_rows(seed, int(epoch))
+            for j in np.flatnonzero(epochs == epoch):
+                members[j] = epoch_rows[offsets[j]]
+        indices = np.concatenate(members)
+        bounds = np.cumsum([0] + [len(m) for m in members])
+        local = [np.arange(bounds[j], bounds[j + 1]) for j in range(batch_size)]
+        examples = self._rows(self.train_split, indices)
+        return pack_examples(examples, widths[indices], local, fill=self.pad_id or 0)
 
     def eval_batches(
         self, split: str, batch_size: int, *, num_examples: int | None = None, seed: int = 0

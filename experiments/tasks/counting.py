@@ -138,6 +138,9 @@ class Counting(FixedTask):
     most inputs upstream's model ever sees. Only the answer is scored (one position per row,
     the last real input); padding is never scored. token_error == sequence_error == upstream's
     `answer/error`. The train stream is epochs of the 10k set, see `FixedTask`.
+
+    With `pack`, training rows hold several programs each (best fit over the training set,
+    about 1.6 per row), which cuts the padding of the default set from about 38% to about 2%.
     """
 
     name = "counting"
@@ -154,6 +157,7 @@ class Counting(FixedTask):
         ntrain: int = 10_000,
         ntest: int = 1_000,
         data_seed: int = 0,
+        pack: bool = False,
     ) -> None:
         if isinstance(nvars, bool) or not isinstance(nvars, int | np.integer) or not 0 < nvars < 27:
             raise ValueError(
@@ -169,7 +173,7 @@ class Counting(FixedTask):
         }
         self.data_seed = check_int("data_seed", data_seed, minimum=0)
         self.vocab = make_vocab(nvars)
-        super().__init__()
+        super().__init__(pack=pack)
 
     def seq_len(self, split: str) -> int:
         check_choice("split", split, self.splits)

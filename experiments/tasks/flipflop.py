@@ -66,7 +66,8 @@ class FlipFlop(Task):
     Sequences are 2 * num_pairs tokens (512 by default), so inputs and targets have width
     seq_len = 2 * num_pairs - 1 = 511: the last input is the final `r`, whose target bit is
     scored. Only bits after `r` are scored; `token_error` is the error per read and
-    `sequence_error` the fraction of sequences with any wrong read.
+    `sequence_error` the fraction of sequences with any wrong read. Strings fill their rows,
+    so with `pack` a packed row is one string with one segment.
     """
 
     name = "flipflop"
@@ -82,8 +83,9 @@ class FlipFlop(Task):
         p_val: float = DEFAULT_P_IGNORE["val"],
         p_val_dense: float = DEFAULT_P_IGNORE["val_dense"],
         p_val_sparse: float = DEFAULT_P_IGNORE["val_sparse"],
+        pack: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(pack=pack)
         self.num_pairs = check_int("num_pairs", num_pairs, minimum=2)
         self.p_ignore = {
             "train": check_probability("p_train", p_train),
@@ -116,8 +118,8 @@ class FlipFlopHub(FixedTask):
     splits = SPLITS
     token_separator = ""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, *, pack: bool = False) -> None:
+        super().__init__(pack=pack)
         try:
             import datasets
 
@@ -153,9 +155,9 @@ class FlipFlopHub(FixedTask):
         return next_token_batch(tokens, read_bits_scored(tokens))
 
 
-def make_flipflop(*, source: str = "local", **options) -> Task:
+def make_flipflop(*, source: str = "local", pack: bool = False, **options) -> Task:
     """FFL(p); `source="hub"` loads synthseq/flipflop (fixed 256-pair sequences, so no other
-    option but `num_pairs=256`), "local" generates."""
+    option but `num_pairs=256` and `pack`), "local" generates."""
     check_choice("source", source, SOURCES)
     if source == "hub":
         if options.get("num_pairs", 256) == 256:
@@ -164,5 +166,5 @@ def make_flipflop(*, source: str = "local", **options) -> Task:
             raise ValueError(
                 f"flipflop source='hub' (256-pair sequences) takes no options, got {options}"
             )
-        return FlipFlopHub()
-    return FlipFlop(**options)
+        return FlipFlopHub(pack=pack)
+    return FlipFlop(pack=pack, **options)

@@ -25,6 +25,7 @@ class SelectiveCopy(Task):
     next-token inputs the scored positions are the last `num_tokens` (the separator and the
     copy minus its last token as inputs). seq_len = 2 * num_tokens + blanks (288 for train).
     `sequence_error` (any wrong copied token) is the headline metric, `token_error` per token.
+    Sequences fill their rows, so with `pack` a packed row is one sequence with one segment.
     """
 
     name = "selective_copy"
@@ -41,6 +42,7 @@ class SelectiveCopy(Task):
         dense_blanks: int = DEFAULT_BLANKS["val_dense"],
         sparse_blanks: int = DEFAULT_BLANKS["val_sparse"],
         eval_examples: int = 1024,
+        pack: bool = False,
     ) -> None:
         self.num_tokens = check_int("num_tokens", num_tokens, minimum=1)
         self.num_symbols = check_int("num_symbols", num_symbols, minimum=1)
@@ -56,7 +58,7 @@ class SelectiveCopy(Task):
         self.vocab = [*string.ascii_uppercase[: self.num_symbols], BLANK, SEPARATOR]
         self.blank_id = self.num_symbols
         self.separator_id = self.num_symbols + 1
-        super().__init__()
+        super().__init__(pack=pack)
 
     def seq_len(self, split: str) -> int:
         return 2 * self.num_tokens + self.blanks[check_choice("split", split, self.splits)]

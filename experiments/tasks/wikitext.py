@@ -345,6 +345,8 @@ class WikiText(Task):
         bpe_train_lines: train the BPE on the first this many training lines (0 = all).
         cache_dir: where the BPE tokenizer is cached when the data directory is read-only
             ("" = $COPE_CACHE_DIR, else ~/.cache/cope-jax).
+        pack: packed training batches (see `Task`); windows fill their rows, so each packed row
+            is one window with one segment.
 
     Training batches are windows at uniformly random offsets of the training stream, drawn from
     (seed, step), so the stream is a pure function of the step. `eval_batches` walks a split's
@@ -373,6 +375,7 @@ class WikiText(Task):
         bpe_vocab_size: int = 50_257,
         bpe_train_lines: int = 0,
         cache_dir: str = "",
+        pack: bool = False,
     ) -> None:
         self.dataset = check_choice("dataset", dataset, DATASETS)
         self.source = check_choice("source", source, SOURCES)
@@ -405,7 +408,7 @@ class WikiText(Task):
             self.tokenizer = vocab
             by_id = sorted(vocab.get_vocab().items(), key=lambda item: item[1])
             self.vocab, self.token_separator = [token for token, _ in by_id], ""
-        super().__init__()
+        super().__init__(pack=pack)
         for split in SPLITS:
             if len(self.streams[split]) <= self.seq_len(split):
                 raise ValueError(
