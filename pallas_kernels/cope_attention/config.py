@@ -45,25 +45,26 @@ class ForwardConfig:
 class BackwardConfig:
     """Tiles and launch parameters of the Pallas-Triton CoPE backward.
 
-    Both backward kernels tile (query rows x keys) with the same `block_q` x `block_k` tiles,
-    because the query kernel records, per query block, how many leading key tiles are saturated
-    and the key kernel reads that count. Powers of two >= 16 (Triton's dot needs M, N, K >= 16).
-    `num_warps`/`num_stages` launch the query kernel, `*_dkv` the key kernel.
+    The three backward kernels tile (query rows x keys) with the same `block_q` x `block_k`
+    tiles: the band kernel records, per query block, how many leading key tiles are saturated,
+    and the two flash-like kernels (dq, dk/dv of those tiles) read that count. Powers of two
+    >= 16 (Triton's dot needs M, N, K >= 16). `num_warps`/`num_stages` launch the flash-like
+    kernels, `*_band` the band kernel (gates, positions, gathers; far more registers).
     """
 
     block_q: int = 64
     block_k: int = 64
     num_warps: int = 4
     num_stages: int = 2
-    num_warps_dkv: int = 4
-    num_stages_dkv: int = 2
+    num_warps_band: int = 4
+    num_stages_band: int = 2
 
     def __post_init__(self):
         for name in ("block_q", "block_k"):
             value = getattr(self, name)
             if value < 16 or value & (value - 1):
                 raise ValueError(f"{name}={value} must be a power of two >= 16")
-        for name in ("num_warps", "num_stages", "num_warps_dkv", "num_stages_dkv"):
+        for name in ("num_warps", "num_stages", "num_warps_band", "num_stages_band"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
 

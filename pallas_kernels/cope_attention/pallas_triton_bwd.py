@@ -103,7 +103,7 @@ def _query_kernel(
     # separate gate keys): [S_pad, D]; lse_ref, delta_ref, gate_total_ref: [block_q] fp32;
     # z_ref: [block_q, N] fp32; then the zero-initialised outputs they alias (not read here).
     # Outputs: dq_ref [block_q, D] fp32; dz_ref [block_q, N + 1 + block_k] fp32 (columns
-    # N + 1 + j take masked-off lanes); dz_sat_ref [block_q] fp32; n_sat_ref [] int32;
+    # N + 1 + j take masked-off lanes); n_sat_ref [] int32;
     # lock_ref [S_pad / block_k] fp32 (a spin lock, 0 or 1, per key tile of this kv head); dk_ref,
     # dv_ref, dgk_ref (separate gate keys): [S_pad, D] fp32 band-tile accumulators.
     refs = list(refs)
@@ -111,8 +111,8 @@ def _query_kernel(
     gk_ref = refs.pop(4) if separate_gate_k else None
     do_ref, lse_ref, delta_ref, gate_total_ref, z_ref = refs[4:9]
     outs = refs[9 + (5 if separate_gate_k else 4) :]
-    dq_ref, dz_ref, dz_sat_ref, n_sat_ref, lock_ref, dk_ref, dv_ref = outs[:7]
-    dgk_ref = outs[7] if separate_gate_k else None
+    dq_ref, dz_ref, n_sat_ref, lock_ref, dk_ref, dv_ref = outs[:6]
+    dgk_ref = outs[6] if separate_gate_k else None
     q_block = _q_block_map(causal, num_q_blocks)(pl.program_id(0))
     length = length_ref[...]
     q = q_ref[...]  # [block_q, D]
@@ -131,7 +131,6 @@ def _query_kernel(
     last_col = jnp.broadcast_to(key_local[None, :] == block_k - 1, (block_q, block_k))
     # [block_k, block_k] shift[m, j] = [m == j + 1]: x @ shift moves column j + 1 to column j.
     shift = (key_local[:, None] == key_local[None, :] + 1).astype(jnp.float16)
-    z_saturated = z_ref[:, npos - 1] * pos_scale  # [block_q] position logit at npos - 1
     full, hi = _key_bounds(
         q_block, length, block_q=block_q, block_k=block_k, causal=causal, offset=offset
     )
@@ -259,26 +258,56 @@ def _query_kernel(
         dz_add(index_next + 1, -high_sums, nexts)
         return dq, band - jnp.sum(g, axis=1), dp_carry + jnp.sum(dpos, axis=1)
 
-    # 3. Saturated tiles: no mask (every row sees a key right of them), constant position.
-    def saturated_body(kv_block, state):
-        dq, ds_sum = state
-        keys = pl.ds(kv_block * block_k, block_k)
-        k = k_ref[keys, :]  # [block_k, D]
-        v = v_ref[keys, :]  # [block_k, D]
-        s = _dot(q, k, trans_b=True) * scale + z_saturated[:, None]
-        p = jnp.exp(s - lse[:, None])
-        ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
-        dq = dq + _dot((ds * scale).astype(k.dtype), k)
-        return dq, ds_sum + jnp.sum(ds, axis=1)
-
     head_dim = q_ref.shape[-1]
     zeros = jnp.zeros((block_q,), jnp.float32)
     dq = jnp.zeros((block_q, head_dim), jnp.float32)
     dq, _, _ = lax.fori_loop(n_sat, hi, band_body, (dq, band_total, zeros))
-    dq, ds_sum = lax.fori_loop(0, n_sat, saturated_body, (dq, zeros))
     dq_ref[...] = dq
-    dz_sat_ref[...] = ds_sum * pos_scale
     n_sat_ref[...] = n_sat
+
+
+def _saturated_query_kernel(
+    n_sat_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    z_sat_ref,
+    dq_band_ref,
+    dq_ref,
+    dz_sat_ref,
+    *,
+    scale: float,
+    pos_scale: float,
+    block_k: int,
+):
+    # n_sat_ref: [] int32; q_ref, do_ref: [block_q, D]; k_ref, v_ref: [S_pad, D]; lse_ref,
+    # delta_ref, z_sat_ref (the scaled position logit at npos - 1), dz_sat_ref: [block_q] fp32;
+    # dq_band_ref (the band kernel's dq), dq_ref: [block_q, D] fp32.
+    q = q_ref[...]  # [block_q, D]
+    do = do_ref[...]  # [block_q, D]
+    lse = lse_ref[...]  # [block_q]
+    delta = delta_ref[...]  # [block_q]
+    z_sat = z_sat_ref[...]  # [block_q]
+
+    # No mask: every row of a saturated tile sees a key to its right.
+    def body(kv_block, state):
+        dq, ds_sum = state
+        keys = pl.ds(kv_block * block_k, block_k)
+        k = k_ref[keys, :]  # [block_k, D]
+        v = v_ref[keys, :]  # [block_k, D]
+        s = _dot(q, k, trans_b=True) * scale + z_sat[:, None]
+        p = jnp.exp(s - lse[:, None])
+        ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
+        dq = dq + _dot(ds.astype(k.dtype), k)
+        return dq, ds_sum + jnp.sum(ds, axis=1)
+
+    zeros = jnp.zeros((q.shape[0],), jnp.float32)
+    dq, ds_sum = lax.fori_loop(0, n_sat_ref[...], body, (jnp.zeros(q.shape, jnp.float32), zeros))
+    dq_ref[...] = dq * scale + dq_band_ref[...]
+    dz_sat_ref[...] = ds_sum * pos_scale
 
 
 def _key_kernel(
@@ -314,23 +343,25 @@ def _key_kernel(
     if causal:
         lo = _cdiv(jnp.maximum((kv_block + 1) * block_k - 1 - offset, 0), block_q)
 
-    def tile(q_block, g, carry):
-        dk, dv = carry
+    def body(q_block, carry, *, g):
+        # Loads stay outside the branch so that the loop can prefetch them.
         q_rows = pl.ds(q_block * block_q, block_q)
         q = q_ref[q_rows, g, :]  # [block_q, D]
         do = do_ref[q_rows, g, :]  # [block_q, D]
         lse = lse_ref[g, q_rows]  # [block_q]
         delta = delta_ref[g, q_rows]  # [block_q]
-        s = _dot(q, k, trans_b=True) * scale + z_sat_ref[g, q_rows][:, None]
-        p = jnp.exp(s - lse[:, None])  # [block_q, block_k]
-        dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
-        ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
-        dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
-        return dk, dv
+        z_sat = z_sat_ref[g, q_rows]  # [block_q]
 
-    def body(q_block, carry, *, g):
-        saturated = n_sat_ref[g, q_block] > kv_block
-        return lax.cond(saturated, functools.partial(tile, q_block, g), lambda c: c, carry)
+        def tile(carry):
+            dk, dv = carry
+            s = _dot(q, k, trans_b=True) * scale + z_sat[:, None]
+            p = jnp.exp(s - lse[:, None])  # [block_q, block_k]
+            dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
+            ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
+            dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
+            return dk, dv
+
+        return lax.cond(n_sat_ref[g, q_block] > kv_block, tile, lambda c: c, carry)
 
     def head(g, carry):
         return lax.fori_loop(lo, num_q_blocks, functools.partial(body, g=g), carry)
@@ -504,8 +535,8 @@ def backward_with_saturation(
     inputs += [dop, lse, delta, gate_total, z, jnp.zeros((batch, heads, q_pad, dz_width), f32)]
     inputs.append(jnp.zeros((batch, kv_heads, num_k_blocks), f32))  # locks
     inputs += [jnp.zeros(acc_shape, f32) for _ in range(num_acc)]
-    first_zero = len(inputs) - num_acc - 2  # dz, locks, accumulators alias outputs 1, 4, 5...
-    dq, dz, dz_sat, n_sat, _, dk_acc, dv_acc, *dgk_acc = pl.pallas_call(
+    first_zero = len(inputs) - num_acc - 2  # dz, locks, accumulators alias outputs 1, 3, 4...
+    dq_band, dz, n_sat, _, dk_acc, dv_acc, *dgk_acc = pl.pallas_call(
         functools.partial(
             _query_kernel,
             scale=scale,
@@ -522,26 +553,48 @@ def backward_with_saturation(
         ),
         grid=(num_q_blocks, batch, heads),
         in_specs=in_specs,
-        out_specs=[q_spec, dz_spec, row_spec, n_sat_spec, lock_spec] + [kv_spec] * num_acc,
+        out_specs=[q_spec, dz_spec, n_sat_spec, lock_spec] + [kv_spec] * num_acc,
         out_shape=[
             jax.ShapeDtypeStruct(qp.shape, f32),
             jax.ShapeDtypeStruct((batch, heads, q_pad, dz_width), f32),
-            jax.ShapeDtypeStruct((batch, heads, q_pad), f32),
             jax.ShapeDtypeStruct((batch, heads, num_q_blocks), jnp.int32),
             jax.ShapeDtypeStruct((batch, kv_heads, num_k_blocks), f32),
         ]
         + [jax.ShapeDtypeStruct(acc_shape, f32)] * num_acc,
         input_output_aliases={
             first_zero: 1,
-            first_zero + 1: 4,
-            **{first_zero + 2 + a: 5 + a for a in range(num_acc)},
+            first_zero + 1: 3,
+            **{first_zero + 2 + a: 4 + a for a in range(num_acc)},
         },
+        compiler_params=pltriton.CompilerParams(
+            num_warps=config.num_warps_band, num_stages=config.num_stages_band
+        ),
+        interpret=interpret,
+        name="cope_attention_bwd_band",
+    )(*inputs)
+
+    dq, dz_sat = pl.pallas_call(
+        functools.partial(
+            _saturated_query_kernel,
+            scale=scale,
+            pos_scale=1.0 if nodiv else scale,
+            block_k=block_k,
+        ),
+        grid=(num_q_blocks, batch, heads),
+        in_specs=[n_sat_spec, q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec, row_spec]
+        + [q_spec],
+        out_specs=[q_spec, row_spec],
+        out_shape=[
+            jax.ShapeDtypeStruct(qp.shape, f32),
+            jax.ShapeDtypeStruct((batch, heads, q_pad), f32),
+        ],
+        input_output_aliases={8: 0},
         compiler_params=pltriton.CompilerParams(
             num_warps=config.num_warps, num_stages=config.num_stages
         ),
         interpret=interpret,
         name="cope_attention_bwd_dq",
-    )(*inputs)
+    )(n_sat, qp, kp, vp, dop, lse, delta, z_sat, dq_band)
 
     q_spec = pl.BlockSpec((None, q_pad, group, d_pad), lambda j, b, h: (b, 0, h, 0))
     row_spec = pl.BlockSpec((None, group, q_pad), lambda j, b, h: (b, h, 0))
@@ -575,7 +628,7 @@ def backward_with_saturation(
             jax.ShapeDtypeStruct(vp.shape, v.dtype),
         ],
         compiler_params=pltriton.CompilerParams(
-            num_warps=config.num_warps_dkv, num_stages=config.num_stages_dkv
+            num_warps=config.num_warps, num_stages=config.num_stages
         ),
         interpret=interpret,
         name="cope_attention_bwd_dkv",
