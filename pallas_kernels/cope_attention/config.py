@@ -50,6 +50,9 @@ class BackwardConfig:
     and the two flash-like kernels (dq, dk/dv of those tiles) read that count. Powers of two
     >= 16 (Triton's dot needs M, N, K >= 16). `num_warps`/`num_stages` launch the flash-like
     kernels, `*_band` the band kernel (gates, positions, gathers; far more registers).
+    `band_atomics` makes the band kernel accumulate with per-element atomic adds instead of
+    spin-locked (dk, dv) and barrier-ordered (dz) read-modify-writes: correct, but each such
+    atomic is an acq_rel one with a GPU-wide fence and an L1 flush.
     """
 
     block_q: int = 64
@@ -58,6 +61,7 @@ class BackwardConfig:
     num_stages: int = 2
     num_warps_band: int = 4
     num_stages_band: int = 2
+    band_atomics: bool = False
 
     def __post_init__(self):
         for name in ("block_q", "block_k"):

@@ -9,21 +9,33 @@ Positions saturate at npos - 1 far left of the diagonal; there dp = 0 and dg = 0
 of zeros), so those tiles are plain flash tiles whose only position gradient is
 dz_i[npos-1] += Σ_j ds'_ij.
 
-Query kernel, grid (query blocks, B, H), one program per query block and head:
-  1. Band search, diagonal toward key 0, gates only: the per-row suffix carry finds the leading
-     key tiles saturated for every row (`n_sat`) and the gate total of the rest (the "band").
-     Skipped when some row's saved gate total is below npos - 1 (nothing saturates).
-  2. Band tiles, left to right: positions = band total - gate prefix; gathers of z at ⌊p⌋ and
-     ⌊p⌋+1; dq; dz through scatter atomics; the dp prefix carried per row; dk, dv, d gate_k of
-     these tiles through atomic adds into float32 accumulators.
-  3. Saturated tiles: dq and the per-row Σ ds' only.
-Key kernel, grid (key blocks, B, K): dk, dv of the saturated tiles (it reads `n_sat`), plus the
-accumulators of step 2. So the two kernels split the tiles, and nothing [T, S] is stored.
+Three kernels, all on the same (block_q x block_k) tiles:
+  band kernel, grid (query blocks, B, H), one program per query block and head:
+    1. Band search, diagonal toward key 0, gates only: the per-row suffix carry finds the
+       leading key tiles saturated for every row (`n_sat`) and the gate total of the rest (the
+       "band"). Skipped when some row's saved gate total is below npos - 1 (none saturates).
+    2. Band tiles, left to right: positions = band total - gate prefix; gathers of z at ⌊p⌋ and
+       ⌊p⌋+1; dq; dz into the program's own rows of a [B, H, T, N + 1] buffer; the dp prefix
+       carried per row; dk, dv, d gate_k of these tiles added to float32 accumulators under one
+       spin lock per (kv head, key tile), which the query blocks and GQA heads share.
+  dq kernel, grid (query blocks, B, H): the saturated tiles [0, n_sat) as flash dq tiles with
+    the constant position logit z_i[npos-1], plus Σ_j ds'_ij for dz_i[npos-1].
+  dk/dv kernel, grid (key blocks, B, K): the saturated tiles of each key block (read from
+    `n_sat`), plus the band accumulators.
+The split keeps the band kernel's registers (gathers, scans, many tile temporaries) away from
+the flash-like kernels that do most of the work once positions saturate. Per-element atomics
+are avoided: in Pallas-Triton each is an acq_rel atomic, compiled to a GPU-wide fence and an L1
+flush per element (`BackwardConfig.band_atomics` keeps that path).
 
 The histogram is telescoped so that no (row, bin) is hit twice by one scatter: positions fall
 monotonically along a row, so keys with one ⌊p⌋ form a run; each run end adds the inclusive
-prefix sums of the weights to its bins and subtracts them from the next run's bins. The next
-key's ⌊p⌋ comes from a matmul with a 0/1 shift matrix in float16, exact for npos <= 2048.
+prefix sums of the weights to its bins and subtracts them from the next run's bins (four
+read-modify-writes per tile, a barrier before each). The next key's ⌊p⌋ comes from a matmul
+with a 0/1 shift matrix in float16, exact for npos <= 2048.
+
+HBM written besides the gradients: z = q·e [B, H, T, N] and its column npos - 1, δ [B, H, T],
+dz [B, H, T, N + 1] float32, dq float32 [B, T, H, D], float32 dk, dv (and d gate_k)
+accumulators [B, S, K, D], n_sat [B, H, T / block_q], locks [B, K, S / block_k].
 """
 
 from __future__ import annotations
@@ -97,6 +109,7 @@ def _query_kernel(
     block_k: int,
     num_q_blocks: int,
     separate_gate_k: bool,
+    band_atomics: bool,
     compiled: bool,
 ):
     # Inputs: length_ref [] int32; q_ref, do_ref: [block_q, D]; k_ref, v_ref, gk_ref (only with
@@ -141,9 +154,14 @@ def _query_kernel(
         A plain read-modify-write: this program owns its rows. The barrier orders it after the
         previous call, whose lanes may have touched the same bins from other threads.
         """
+        cols = jnp.where(at, bins, spare_cols)
+        if band_atomics:  # interpret mode has no masked atomics: zeros go to the spare columns
+            values = jnp.where(at, values, 0.0)
+            pltriton.atomic_add(dz_ref, (gather_rows, cols), values, mask=at if compiled else None)
+            return
         if compiled:
             pltriton.debug_barrier()
-        view = dz_ref.at[gather_rows, jnp.where(at, bins, spare_cols)]
+        view = dz_ref.at[gather_rows, cols]
         old = pltriton.load(view, mask=at, other=0.0)
         pltriton.store(view, old + values, mask=at)
 
@@ -155,6 +173,10 @@ def _query_kernel(
         a GQA group that write the same tile.
         """
         keys = pl.ds(kv_block * block_k, block_k)
+        if band_atomics:
+            for acc_ref, tile in updates:
+                pltriton.atomic_add(acc_ref, (keys, slice(None)), tile)
+            return
         # A 1-element float slice: interpret mode cannot discharge scalar atomics in loops, and
         # Pallas-Triton lowers integer atomics on tensors as float ones.
         lock = (pl.ds(kv_block, 1),)
@@ -514,7 +536,7 @@ def backward_with_saturation(
     num_acc = 3 if separate else 2  # fp32 dk, dv (and d gate_k) of the band tiles
     num_k_blocks = kv_pad // block_k
     # Masked-off lanes of the dz updates point at spare columns N + 1 + j. Compiled kernels
-    # never touch them; interpret mode writes them back unchanged, so they must be distinct.
+    # never touch them; interpret mode writes them too, so they must be distinct.
     dz_width = npos + 1 + (block_k if interpret else 0)
 
     qb = _q_block_map(bool(causal), num_q_blocks)
@@ -549,6 +571,7 @@ def backward_with_saturation(
             block_k=block_k,
             num_q_blocks=num_q_blocks,
             separate_gate_k=separate,
+            band_atomics=config.band_atomics,
             compiled=not interpret,
         ),
         grid=(num_q_blocks, batch, heads),

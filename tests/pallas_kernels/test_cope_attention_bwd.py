@@ -27,6 +27,7 @@ from pallas_kernels.cope_attention.pallas_triton_bwd import (
 TOL = {jnp.float32: 1e-4, jnp.bfloat16: 3e-2}
 GRAD_NAMES = ("q", "k", "v", "pos_emb", "gate_k")
 TILES_16 = BackwardConfig(16, 16, 4, 1, 4, 1)  # several tiles per row at small sizes
+ATOMICS_16 = dataclasses.replace(TILES_16, band_atomics=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +54,7 @@ CASES = [
     Case("causal_T17_gqa4to1_npos17", 1, 17, 17, 4, 1, 32, 17),
     Case("causal_T129_gqa8to2_npos2", 1, 129, 129, 8, 2, 16, 2, config=TILES_16, saturates=True),
     Case("noncausal_T65_npos8", 2, 65, 65, 2, 1, 16, 8, causal=False, config=TILES_16),
+    Case("band_atomics_gatek", 1, 65, 65, 4, 2, 16, 8, gate_k=True, config=ATOMICS_16),
     Case("causal_T17_S80_gatek_nodiv", 1, 17, 80, 2, 1, 32, 17, nodiv=True, gate_k=True),
     Case("T1_S33_npos513", 2, 1, 33, 2, 1, 16, 513),
     Case("ragged_with_zero_length", 3, 40, 40, 2, 1, 16, 8, lengths=(0, 7, 40), config=TILES_16),
@@ -228,7 +230,8 @@ def test_validation():
 
 @pytest.mark.parametrize("device_kind", ["NVIDIA H100", "NVIDIA H200"])
 def test_lowers_for_hopper(device_kind):
-    """Both kernels (with and without separate gate keys) lower to Triton custom calls."""
+    """The three kernels lower to Triton custom calls (with and without separate gate keys,
+    with locks and with atomics in the band kernel)."""
     mesh = AbstractMesh(
         (1,),
         ("x",),
@@ -239,9 +242,9 @@ def test_lowers_for_hopper(device_kind):
     q = sds((2, 200, 4, 64), jnp.bfloat16)
     k = sds((2, 200, 2, 64), jnp.bfloat16)
     rows = sds((2, 4, 200), jnp.float32)
-    for gate_k, npos in ((None, 64), (k, 513)):
+    for gate_k, npos, atomics in ((None, 64, False), (k, 513, False), (None, 64, True)):
 
-        def bwd(q, k, v, e, gk, lengths, out, lse, gate_total, dout):
+        def bwd(q, k, v, e, gk, lengths, out, lse, gate_total, dout, atomics=atomics):
             return cope_attention_bwd(
                 q,
                 k,
@@ -256,7 +259,7 @@ def test_lowers_for_hopper(device_kind):
                 causal=True,
                 scale=None,
                 nodiv=False,
-                config=BackwardConfig(),
+                config=BackwardConfig(band_atomics=atomics),
                 interpret=False,
             )
 
@@ -266,4 +269,4 @@ def test_lowers_for_hopper(device_kind):
                 *args, q, rows, rows, q
             )
         text = exported.mlir_module()
-        assert text.count("__gpu$xla.gpu.triton") >= 2, "expected the two backward kernels"
+        assert text.count("__gpu$xla.gpu.triton") >= 3, "expected the three backward kernels"
