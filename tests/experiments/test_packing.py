@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from experiments.tasks import Task, make_task
+from experiments.tasks import Task, make_task, wikitext
 from experiments.tasks.base import best_fit_rows, next_token_batch
 
 COUNTING_SMALL = {"ntrain": 300, "ntest": 40}
@@ -144,9 +144,20 @@ def test_packed_stream_is_a_pure_function_of_seed_and_step(seed):
     assert not np.array_equal(fresh["inputs"], other["inputs"])
 
 
-@pytest.mark.parametrize("name", ["flipflop", "selective_copy"])
+FILLING = {
+    "flipflop": {"num_pairs": 12},
+    "selective_copy": {"train_blanks": 20},
+    "wikitext": {"seq_len": 32},
+}
+
+
+@pytest.mark.parametrize("name", list(FILLING))
 def test_examples_that_fill_their_rows_pack_to_the_unpacked_batch(name, seed):
-    options = {"num_pairs": 12} if name == "flipflop" else {"train_blanks": 20}
+    options = FILLING[name]
+    if name == "wikitext":
+        data = wikitext.resolve_data_dir("", "wikitext-2")
+        if not any((data / f).exists() for f in ("wiki.train.tokens", "wiki.train.tokens.gz")):
+            pytest.skip(f"WikiText-2 not found at {data} (set {wikitext.DATA_DIR_ENV})")
     packed = make_task(name, pack=True, **options).train_batch(seed, 3, 6)
     unpacked = make_task(name, **options).train_batch(seed, 3, 6)
     assert set(packed) == {*unpacked, "segment_ids"}
