@@ -9,7 +9,17 @@ adds its own options (e.g. counting's `nvars`).
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
+
+from cope.model import ModelConfig
+
+# The layout of the ConfigDicts below; config.json records it, and a run written by another
+# layout is refused by name rather than read with fields that mean something else.
+LAYOUT = 2
+# ModelConfig fields that come from the task, not from the config.
+TASK_MODEL_FIELDS = ("vocab_size", "max_len")
 
 VARIANTS = {
     "abs": "absolute",
@@ -57,35 +67,19 @@ def parse_arg(arg: str | None, task_options: dict) -> tuple[str, dict]:
 def base_config(task: str, variant: str) -> ml_collections.ConfigDict:
     """The paper's synthetic-task setup (the official counting run.sh), before task overrides."""
     c = ml_collections.ConfigDict()
+    c.layout = LAYOUT
     c.task = ml_collections.ConfigDict(dict(name=task, options=ml_collections.ConfigDict()))
     c.variant = variant
+    # Every ModelConfig field but the two the task sets (vocab_size, max_len), at ModelConfig's
+    # defaults (None included) unless the paper's setup differs.
     c.model = ml_collections.ConfigDict(
-        dict(
-            num_layers=4,
-            d_model=256,
-            num_heads=4,
-            num_kv_heads=0,
-            mlp_dim=0,
-            mlp="relu",
-            norm="layernorm",
-            post_norm=True,
-            dropout=0.1,
-            tie_embeddings=True,
-            use_bias=True,
-            encoding=VARIANTS[variant],
-            npos=0,
-            cope_shared=False,
-            cope_nodiv=False,
-            cope_sep_key=False,
-            rel_max_distance=0,
-            rope_base=10000.0,
-            attention_impl="xla",
-            dtype="bfloat16",
-            param_dtype="float32",
-            remat=False,
-            cope_remat=False,
-        )
-    )  # 0 means "the model's default" for the optional integer fields
+        {
+            field.name: field.default
+            for field in dataclasses.fields(ModelConfig)
+            if field.name not in TASK_MODEL_FIELDS
+        }
+    )
+    c.model.update(dropout=0.1, dtype="bfloat16", encoding=VARIANTS[variant])
     c.train = ml_collections.ConfigDict(
         dict(
             seed=1,

@@ -3,8 +3,8 @@
     python -m experiments.train --config configs/flipflop.py:cope --workdir runs/flipflop_cope
 
 Paper setting: 4 layers, 256 wide, 4 heads, 10k steps, FFL(0.8) training, error on the reads of
-`val` (in-distribution) and `val_sparse` FFL(0.98) (OOD). Paper errors (%), in-dist / OOD:
-Absolute 6.8 / 21.7, RoPE 1.8 / 20.3, CoPE 0.0 / 4.9. The optimiser is not given in the paper:
+`val` (in-distribution) and `val_sparse` FFL(0.98) (OOD); the paper's errors are
+`experiments.paper.FLIPFLOP`. The optimiser is not given in the paper:
 Adam 3e-4 with 500 warm-up steps and cosine decay, batch 64, dropout 0.1 is our choice.
 Option `pairs=<int>` shortens the sequences (256 pairs = 512 tokens by default); `source=hub`
 trains and evaluates on the hub's synthseq/flipflop (needs `datasets` and network) instead of

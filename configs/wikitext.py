@@ -19,28 +19,17 @@ cope_rel, cope_rope (any of configs/base.py's VARIANTS works). Sizes (`size=`):
 Options: `tok=word|bpe`, `source=local|hub`, `dataset=wikitext-2|wikitext-103`, `seq_len=`,
 `stride=` (evaluation stride, default non-overlapping), plus base's smoke/cpu/seed/steps/...
 
-Paper Table 4 (WikiText-103, GPT-2 small, T=1024), validation / test perplexity:
-Absolute 23.96 / 24.87, Relative 22.90 / 23.81, CoPE 22.55 / 23.46, CoPE+Relative 22.31 / 23.23.
-Fig. 3 (trained at T=1024, validation PPL at T' = 1024 / 1536 / 2048 / 2560): Relative-capped
-22.90 / 22.31 / 22.09 / 21.96, CoPE 22.55 / 21.96 / 21.70 / 21.56 (read off the plot).
+The paper's perplexities (Table 4, WikiText-103, GPT-2 small, T=1024) and its Fig. 3
+extrapolation curves: `experiments.paper.WIKITEXT103` and `WIKITEXT103_EXTRAPOLATION`.
 
 The paper gives no optimiser settings. Ours: AdamW (b2 0.95, weight decay 0.1), linear warm-up
 then cosine decay to 10%, global-norm clipping 1.0, dropout 0.1, bf16 compute.
 """
 
-from configs.base import apply_common_options, base_config, parse_arg
+from configs.base import TASK_MODEL_FIELDS, apply_common_options, base_config, parse_arg
+from cope.model import GPT2_SMALL
 
 SIZES = ("small", "gpt2_small")
-# cope.model.GPT2_SMALL without max_len (the model's table size follows the task's seq_len).
-GPT2_SMALL = dict(
-    num_layers=12,
-    d_model=768,
-    num_heads=12,
-    npos=64,
-    post_norm=False,
-    mlp="gelu",
-    tie_embeddings=True,
-)
 
 
 def get_config(arg: str | None = None):
@@ -92,7 +81,8 @@ def get_config(arg: str | None = None):
     c.eval.update(batch_size=32, num_examples=64, final_num_examples=8192)
     if size == "gpt2_small":
         c.task.options.update(dataset="wikitext-103", source="hub", tokenizer="bpe", seq_len=1024)
-        c.model.update(GPT2_SMALL)
+        # The window length sets max_len (the task's seq_len below).
+        c.model.update({k: v for k, v in GPT2_SMALL.items() if k not in TASK_MODEL_FIELDS})
         c.train.update(
             learning_rate=6e-4,
             warmup_steps=2000,

@@ -23,8 +23,9 @@ import numpy as np
 from flax import nnx
 
 from cope.model import ModelConfig, Transformer
-from experiments import sharding, train
+from experiments import sharding
 from experiments.configlib import apply_override, load_config
+from experiments.steps import build_model_config, build_task, init_train_state, make_train_step
 
 OFFICIAL_MS = {"abs": 50.0, "rel": 59.0, "cope": 100.0}  # issue 3, measured on this H100
 H100_BF16_TFLOPS = 989.4  # dense bf16 tensor-core peak of an H100 SXM
@@ -58,9 +59,9 @@ def time_variant(
     config = load_config(config_spec)
     for override in overrides:
         apply_override(config, override)
-    task = train.build_task(config)
-    ts = train.init_train_state(config, train.build_model_config(config, task))
-    step_fn = train.make_train_step(ts, config.train.seed)
+    task = build_task(config)
+    ts = init_train_state(config, build_model_config(config, task))
+    step_fn = make_train_step(ts, config.train.seed)
     batch_sharding = sharding.batch_sharding(ts.mesh)
     bs, seed = config.train.batch_size, config.train.seed
 
@@ -92,7 +93,7 @@ def time_variant(
     )
     ms = 1e3 * elapsed / steps
     num_params = sum(x.size for x in jax.tree.leaves(nnx.state(ts.model(), nnx.Param)))
-    flop_params = matmul_params(train.build_model_config(config, task))
+    flop_params = matmul_params(build_model_config(config, task))
     per_token = flops_per_token(
         flop_params, config.model.num_layers, config.model.d_model, task.seq_len(task.train_split)
     )

@@ -44,6 +44,7 @@ class Checkpoints:
         *,
         check: Callable[[object], str | None] | None = None,
         set_aside: bool = False,
+        partial: bool = False,
     ) -> tuple[int, object, dict] | None:
         """Restores the newest usable checkpoint into the structure of `abstract_state`.
 
@@ -52,16 +53,13 @@ class Checkpoints:
         previous one is tried; returns None when none is usable. With `set_aside` (training,
         which must be able to save that step again) an unusable checkpoint is renamed to
         `<step>.unusable` (never deleted); read-only callers leave the directory as it is.
+        With `partial`, `abstract_state` may name a part of the saved tree (e.g. the model
+        without the optimizer) and only that part is read.
         """
         steps = self.steps()
         for i, step in reversed(list(enumerate(steps))):
             try:
-                restored = self.manager.restore(
-                    step,
-                    args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
-                    ),
-                )
+                restored = self._restore(step, abstract_state, partial)
                 reason = check(restored["state"]) if check is not None else None
             except Exception as error:  # noqa: BLE001 - any failure means "unreadable"
                 first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
@@ -78,6 +76,26 @@ class Checkpoints:
             )
         self._sync_set_aside(set_aside)
         return None
+
+    def _restore(self, step: int, abstract_state, partial: bool) -> dict:
+        if not partial:
+            return self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+                ),
+            )
+        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        with ocp.PyTreeCheckpointer() as checkpointer:
+            state = checkpointer.restore(
+                self.directory / str(step) / "state",
+                args=ocp.args.PyTreeRestore(
+                    item=abstract_state,
+                    restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state),
+                    partial_restore=True,
+                ),
+            )
+        return {"state": state, "meta": meta["meta"]}
 
     def _set_aside(self, path: Path) -> Path:
         """Renames `path` to the first free `<step>.unusable[.<n>]` (process 0 only: the

@@ -8,82 +8,27 @@ import sys
 import warnings
 from pathlib import Path
 
-import ml_collections
-
-from cope.model import ModelConfig
-from experiments.checkpointing import Checkpoints, abstract_like
-from experiments.tasks import Task
-from experiments.train import (
-    TrainState,
-    build_model_config,
-    build_task,
-    evaluate,
-    format_results,
-    init_train_state,
-    make_eval_step,
-    make_finite_check,
-    one_line_warnings,
-)
-
-
-def load_run_config(workdir: Path) -> ml_collections.ConfigDict:
-    path = workdir / "config.json"
-    if not path.is_file():
-        raise ValueError(f"{workdir} is not a run directory (no config.json)")
-    try:
-        return ml_collections.ConfigDict(json.loads(path.read_text()))
-    except ValueError as error:
-        raise ValueError(f"{path} is not valid JSON ({error})") from None
-
-
-def restore_run(
-    workdir: Path, config: ml_collections.ConfigDict, task: Task
-) -> tuple[TrainState, ModelConfig, int]:
-    """The run's newest usable checkpoint (readable, finite), restored into a train state built
-    from `config` (model sizes from `task`); returns (state, model config, step). Unusable ones
-    are skipped with a warning and left where they are (training sets them aside)."""
-    model_cfg = build_model_config(config, task)
-    ts = init_train_state(config, model_cfg)
-    if not (workdir / "checkpoints").is_dir():
-        raise ValueError(f"no checkpoint in {workdir / 'checkpoints'}")
-    checkpoints = Checkpoints(workdir / "checkpoints", keep=config.train.keep_checkpoints)
-    restored = checkpoints.restore_latest(
-        abstract_like(ts.state, ts.shardings), check=make_finite_check(ts)
-    )
-    checkpoints.close()
-    if restored is None:
-        raise ValueError(f"no usable checkpoint in {workdir / 'checkpoints'}")
-    step, ts.state, _ = restored
-    return ts, model_cfg, step
+from experiments.analysis import load_run
+from experiments.evaluation import format_results
+from experiments.train import one_line_warnings
 
 
 def evaluate_run(
     workdir: str | Path, *, num_examples: int | None = None, splits: tuple[str, ...] | None = None
 ) -> dict:
-    """Restores the newest usable checkpoint of `workdir` and evaluates it on `num_examples`
-    per split (default: the config's final_num_examples)."""
+    """Restores the newest usable checkpoint of `workdir` (finished or not) and evaluates it on
+    `num_examples` per split (default: the config's final_num_examples)."""
     if num_examples is not None and (
         isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1
     ):
         raise ValueError(f"num_examples must be an integer >= 1, got {num_examples!r}")
-    workdir = Path(workdir)
-    config = load_run_config(workdir)
-    task = build_task(config)
-    ts, model_cfg, step = restore_run(workdir, config, task)
-    final = evaluate(
-        task,
-        ts,
-        make_eval_step(ts),
-        config,
-        config.eval.final_num_examples if num_examples is None else num_examples,
-        splits,
-    )
+    run = load_run(workdir, unfinished_ok=True)
     return {
-        "task": config.task.name,
-        "encoding": model_cfg.encoding,
-        "step": step,
-        "in_distribution_split": task.splits[1] if len(task.splits) > 1 else task.splits[0],
-        "final": final,
+        "task": run.task_name,
+        "encoding": run.model_config.encoding,
+        "step": run.step,
+        "in_distribution_split": run.in_distribution_split,
+        "final": run.evaluate(splits, num_examples=num_examples),
     }
 
 

@@ -20,15 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import ml_collections
 
-from experiments.evaluate import load_run_config, restore_run
+from experiments import plots
+from experiments.analysis import load_run
 from experiments.tasks import make_task
-from experiments.train import (
-    build_task,
-    evaluate,
-    make_eval_step,
-)
 
 DEFAULT_FACTORS = (1.0, 1.5, 2.0, 2.5)
 ABSOLUTE_TABLE_ERROR = "exceeds the absolute position table"
@@ -73,13 +68,11 @@ def extrapolate_run(
         ):
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     workdir = Path(workdir)
-    config = load_run_config(workdir)
-    if config.task.name != "wikitext":
-        raise ValueError(f"{workdir} is a {config.task.name!r} run; extrapolation needs wikitext")
-    train_task = build_task(config)
-    train_len = train_task.seq_len(train_task.train_split)
-    ts, model_cfg, step = restore_run(workdir, config, train_task)
-    eval_step = make_eval_step(ts)
+    run = load_run(workdir, unfinished_ok=True)
+    config = run.config
+    if run.task_name != "wikitext":
+        raise ValueError(f"{workdir} is a {run.task_name!r} run; extrapolation needs wikitext")
+    train_len = run.task.seq_len(run.task.train_split)
     rows_at_train_len = config.eval.batch_size if batch_size is None else batch_size
 
     lengths = []
@@ -89,17 +82,13 @@ def extrapolate_run(
             raise ValueError(f"length factor {factor} gives an empty window (T={train_len})")
         options = config.task.options.to_dict() | dict(eval_seq_len=eval_len, eval_stride=stride)
         task = make_task("wikitext", **options)
-        eval_config = ml_collections.ConfigDict(config.to_dict())
-        eval_config.eval.batch_size = eval_rows(rows_at_train_len, train_len, eval_len)
         entry: dict[str, Any] = {"factor": float(factor), "eval_seq_len": eval_len}
         try:
-            metrics = evaluate(
-                task,
-                ts,
-                eval_step,
-                eval_config,
-                task.num_examples(split) if num_examples is None else num_examples,
-                (split,),
+            metrics = run.evaluate(
+                split,
+                num_examples=task.num_examples(split) if num_examples is None else num_examples,
+                batch_size=eval_rows(rows_at_train_len, train_len, eval_len),
+                task=task,
             )[split]
         except ValueError as error:
             if ABSOLUTE_TABLE_ERROR not in str(error):
@@ -115,8 +104,8 @@ def extrapolate_run(
     return {
         "workdir": str(workdir),
         "variant": config.variant,
-        "encoding": model_cfg.encoding,
-        "step": step,
+        "encoding": run.encoding,
+        "step": run.step,
         "train_seq_len": train_len,
         "split": split,
         "stride": stride or None,
@@ -158,29 +147,6 @@ def format_markdown(runs: Sequence[dict]) -> str:
     return "\n".join(lines) + "\n\n" + note + "\n"
 
 
-def plot(runs: Sequence[dict], path: str | Path) -> None:
-    """Perplexity against T' / T, one line per run (lengths with an error are left out)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for label, run in zip(labels(runs), runs, strict=True):
-        points = [(e["eval_seq_len"], e["perplexity"]) for e in run["lengths"] if "error" not in e]
-        if points:
-            xs, ys = zip(*points, strict=True)
-            ax.plot(xs, ys, marker="o", label=f"{label} (T={run['train_seq_len']})")
-    ax.set_xlabel("evaluation context T'")
-    ax.set_ylabel(f"{runs[0]['split'] if runs else 'valid'} perplexity")
-    ax.set_title("Context extrapolation")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
-
-
 def write_outputs(runs: Sequence[dict], prefix: str | Path, *, png: bool = True) -> list[Path]:
     """Writes <prefix>.json, <prefix>.md and (optionally) <prefix>.png; returns the paths."""
     prefix = Path(prefix)
@@ -190,7 +156,7 @@ def write_outputs(runs: Sequence[dict], prefix: str | Path, *, png: bool = True)
     paths[1].write_text(format_markdown(runs))
     if png:
         paths.append(prefix.with_suffix(".png"))
-        plot(runs, paths[2])
+        plots.extrapolation(runs, labels(runs)).savefig(paths[2], dpi=150)
     return paths
 
 

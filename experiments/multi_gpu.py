@@ -32,9 +32,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from experiments import train
+from experiments import loop
 from experiments.configlib import apply_override, load_config
-from experiments.metrics import read_metrics
+from experiments.rundir import read_metrics
 
 
 def step_losses(workdir: Path) -> np.ndarray:
@@ -89,7 +89,7 @@ def run_setups(args: argparse.Namespace) -> dict:
         )
         config.eval.update(num_examples=args.eval_examples, final_num_examples=args.eval_examples)
         print(f"== {name}: {workdir}", file=sys.stderr, flush=True)
-        results = train.train_and_evaluate(config, workdir, devices=devs, progress=True)
+        results = loop.train_and_evaluate(config, workdir, devices=devs, progress=True)
         rows.append(
             {
                 "setup": name,
@@ -160,12 +160,10 @@ def markdown(report: dict, command: str) -> str:
 
 
 def plot(report: dict, path: Path) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    fig = Figure(figsize=(7, 6))
+    top, bottom = fig.subplots(2, 1, sharex=True)
     reference = np.array(report["rows"][0]["losses"])
     for row in report["rows"]:
         losses = np.array(row["losses"])
@@ -231,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except train.TrainingStopped as stopped:  # SIGTERM: the runs are not resumable here
+    except loop.TrainingStopped as stopped:  # SIGTERM: the runs are not resumable here
         print(f"error: {stopped}", file=sys.stderr)
         return 3
     command = "python -m experiments.multi_gpu " + " ".join(sys.argv[1:] if argv is None else argv)

@@ -8,8 +8,10 @@ allocate GPU memory on demand (XLA_PYTHON_CLIENT_PREALLOCATE=false; an equal spl
 starves CoPE runs, whose T² tensors need ~10 GB at batch 64 x 512). `--gpus 0,1` spreads the
 runs over several GPUs. `--deadline SECONDS` stops unfinished runs with SIGTERM (each saves a
 checkpoint), so a long sweep can be split over time-limited jobs by rerunning the same command.
-Writes `<root>/summary.{json,md,png}` (the png: every run's periodic evaluations); `--report`
-only tabulates what is there, unfinished runs with their latest evaluation.
+`--seeds 1,2,3` trains every config once per seed (run `<name>_seed<N>`, finished seeds are
+skipped like finished runs) and adds a table of mean ± std over the seeds beside the paper.
+Writes `<root>/summary.{json,md,png}` (the png: every run's learning curves); `--report` only
+tabulates what is there, unfinished runs with their latest evaluation.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from experiments import paper
+from experiments import paper, plots
 from experiments.configlib import apply_override, check_config, load_config
-from experiments.metrics import read_metrics, saved_steps
+from experiments.rundir import RunDirError, read_metrics, read_run, saved_steps
+from experiments.tables import paper_table
 
 
 def run_name(spec: str) -> str:
@@ -37,16 +40,10 @@ def run_name(spec: str) -> str:
 
 
 def paper_reference(results: dict, options: dict) -> str:
-    enc, task = results["encoding"], results["task"]
-    if task == "flipflop" and enc in paper.FLIPFLOP:
-        return "in-dist {} / sparse {}".format(*paper.FLIPFLOP[enc])
-    if task == "selective_copy" and enc in paper.SELECTIVE_COPY:
-        return "in-dist {} / dense {} / sparse {}".format(*paper.SELECTIVE_COPY[enc])
-    if task == "counting" and enc in paper.COUNTING:
-        return f"test {paper.COUNTING[enc].get(options.get('nvars'), 'n/a')}"
-    if task == "wikitext" and enc in paper.WIKITEXT103:
-        return "WikiText-103 val {} / test {} ppl".format(*paper.WIKITEXT103[enc])
-    return "n/a"
+    """The paper's numbers for the run's encoding, split by split ("n/a" when none)."""
+    reported = paper.reported(results["task"], results["encoding"], options)
+    unit = " ppl" if paper.METRIC[results["task"]] == "perplexity" else ""
+    return " / ".join(f"{split} {value:g}{unit}" for split, value in reported.items()) or "n/a"
 
 
 def format_errors(metrics: dict[str, dict], language_model: bool) -> str:
@@ -160,49 +157,36 @@ def summarize(
 
 
 def plot_curves(root: Path, names: list[str], path: Path) -> None:
-    """Periodic evaluations vs step: a row per task, a panel per split (token error %, or
-    perplexity for language models), a line per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    by_task: dict[str, dict[str, list[dict]]] = {}
+    """Every run's learning curves (plots.learning_curves), unfinished runs included."""
+    runs = []
     for name in names:
-        history = [r for r in read_metrics(root / name) if "eval" in r]
-        if history and (root / name / "config.json").exists():
-            task = json.loads((root / name / "config.json").read_text())["task"]["name"]
-            by_task.setdefault(task, {})[name] = history
-    if not by_task:
-        return
-    splits = {
-        task: sorted({s for h in runs.values() for r in h for s in r["eval"]} - {"train"})
-        for task, runs in by_task.items()
-    }
-    cols = max(len(v) for v in splits.values())
-    fig, axes = plt.subplots(
-        len(by_task), cols, figsize=(4.2 * cols, 3.3 * len(by_task)), squeeze=False
-    )
-    for row, (task, runs) in enumerate(by_task.items()):
-        lm = task == "wikitext"
-        for col in range(cols):
-            ax = axes[row][col]
-            if col >= len(splits[task]):
-                ax.axis("off")
-                continue
-            split = splits[task][col]
-            for name, history in runs.items():
-                points = [(r["step"], r["eval"][split]) for r in history if split in r["eval"]]
-                values = [m["perplexity"] if lm else 100 * m["token_error"] for _, m in points]
-                ax.plot([p[0] for p in points], values, marker=".", label=name)
-            ax.set_title(f"{task}: {split}")
-            ax.set_xlabel("step")
-            ax.set_ylabel("perplexity" if lm else "token error %")
-            ax.grid(alpha=0.3)
-        axes[row][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        try:
+            runs.append(read_run(root / name, unfinished_ok=True))
+        except RunDirError:
+            continue  # not started, or its directory unreadable: the table says so
+    runs = [run for run in runs if run.metrics]
+    if runs:
+        plots.learning_curves(runs).savefig(path, dpi=110)
+
+
+def seed_tables(root: Path, names: list[str]) -> str:
+    """Mean ± std over seeds beside the paper (tables.paper_table), one table per task and
+    task options, from the finished runs; a group that cannot be averaged says why."""
+    groups: dict[str, list] = {}
+    for name in names:
+        try:
+            run = read_run(root / name)
+        except RunDirError:
+            continue
+        options = json.dumps(run.config.task.options.to_dict(), sort_keys=True)
+        groups.setdefault(f"{run.task_name} {options}", []).append(run)
+    parts = []
+    for runs in groups.values():
+        try:
+            parts.append(paper_table(runs).markdown())
+        except ValueError as error:
+            parts.append(f"{runs[0].task_name}: no table over seeds ({error})")
+    return "\n\n".join(parts) or "No finished runs to average over seeds yet."
 
 
 STOPPED = 3  # experiments.train's exit code after SIGTERM (checkpoint saved)
@@ -318,6 +302,12 @@ def main(argv: list[str] | None = None) -> int:
         "(rerunning the same command resumes them)",
     )
     parser.add_argument(
+        "--seeds",
+        default="",
+        help="comma-separated seeds (train.seed): every config runs once per seed, and the "
+        "summary adds mean ± std over them",
+    )
+    parser.add_argument(
         "--report",
         action="store_true",
         help="start nothing: tabulate and plot the runs as they are (unfinished ones included)",
@@ -332,14 +322,29 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:  # a file in the way, or no permission
         print(f"error: --root {root} cannot be a directory ({error.strerror})", file=sys.stderr)
         return 2
-    names = [run_name(spec) for spec in args.config]
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        if min(seeds, default=0) < 0:
+            raise ValueError
+    except ValueError:
+        print(f"error: --seeds must be comma-separated integers >= 0, got {args.seeds!r}",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    # (config spec, run name, overrides) of every run: one per config, or per config and seed.
+    planned = [
+        (spec, run_name(spec) + ("" if seed is None else f"_seed{seed}"),
+         args.override + ([] if seed is None else [f"train.seed={seed}"]))
+        for spec in args.config
+        for seed in (seeds or [None])
+    ]  # fmt: skip
+    names = [name for _, name, _ in planned]
     if len(set(names)) != len(names):
         parser.error(f"two --config give the same run directory: {names}")
     steps = {}
     try:  # every config and override is checked before anything starts
-        for spec, name in zip(args.config, names):
+        for spec, name, overrides in planned:
             config = load_config(spec)
-            for override in args.override:
+            for override in overrides:
                 apply_override(config, override)
             check_config(config)
             steps[name] = config.train.steps
@@ -347,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     runs = []
-    for i, (spec, name) in enumerate(zip(args.config, names)):
+    for i, (spec, name, overrides) in enumerate(planned):
         if args.report:
             break
         (root / name).mkdir(parents=True, exist_ok=True)
@@ -363,23 +368,26 @@ def main(argv: list[str] | None = None) -> int:
             "--workdir",
             str(root / name),
             "--no-progress",
-            *(f"--config.{o}" for o in args.override),
+            *(f"--config.{o}" for o in overrides),
         ]
         runs.append(Run(name, command, gpus[i % len(gpus)] if gpus else None))
     codes = schedule(runs, root, args.per_gpu, args.deadline)
     failed = sum(code not in (0, STOPPED) for code in codes.values())
     stopped = [name for name, code in codes.items() if code == STOPPED]
     rows, table = summarize(root, names, steps)
-    command = "python -m experiments.sweep --root {} {} {}".format(
+    command = "python -m experiments.sweep --root {} {} {}{}".format(
         args.root,
         " ".join(f"--config {c}" for c in args.config),
         " ".join(f"--override {o}" for o in args.override),
+        f" --seeds {args.seeds}" if seeds else "",
     )
     device = next((row["device"] for row in rows if "device" in row), "?")
     md = (
         f"# Runs beside the CoPE paper\n\nDevice: {device} (runs may share a GPU, so ms/batch is "
         f"under sharing). Command: `{command}`\n\n{table}\n"
     )
+    if seeds:
+        md += f"\n## Over seeds {', '.join(map(str, seeds))}\n\n{seed_tables(root, names)}\n"
     (root / "summary.md").write_text(md)
     (root / "summary.json").write_text(json.dumps(rows, indent=1))
     plot_curves(root, names, root / "summary.png")

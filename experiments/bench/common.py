@@ -11,6 +11,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from experiments import plots
+
 
 @dataclasses.dataclass
 class Record:
@@ -108,11 +110,6 @@ def write_outputs(
     records: Sequence[Record], out_prefix: str | Path, metric: str, ours: str, title: str
 ) -> None:
     """Writes `<prefix>.json` (records), `<prefix>.md` (table) and `<prefix>.png` (bar chart)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     prefix = Path(out_prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     prefix.with_suffix(".json").write_text(json.dumps([r.to_json() for r in records], indent=1))
@@ -124,25 +121,5 @@ def write_outputs(
         md += "\nFailures:\n" + "\n".join(errors) + "\n"
     prefix.with_suffix(".md").write_text(md)
 
-    impls = list(dict.fromkeys(r.impl for r in records))
-    keys = list(dict.fromkeys((r.shape, r.causal, r.pass_) for r in records))
-    width = 0.8 / max(len(impls), 1)
-    fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(keys)), 4.5))
-    for i, impl in enumerate(impls):
-        vals = []
-        for key in keys:
-            r = next(
-                (r for r in records if (r.shape, r.causal, r.pass_) == key and r.impl == impl), None
-            )
-            vals.append(getattr(r, metric) or 0.0 if r is not None else 0.0)
-        ax.bar(np.arange(len(keys)) + i * width, vals, width, label=impl)
-    labels = [
-        f"{s}\n{'causal' if c else ('full' if c is not None else '')} {p}" for s, c, p in keys
-    ]
-    ax.set_xticks(np.arange(len(keys)) + 0.4 - width / 2, labels, fontsize=7)
-    ax.set_ylabel(metric)
-    ax.set_title(f"{title} ({device})")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(prefix.with_suffix(".png"), dpi=120)
-    plt.close(fig)
+    figure = plots.benchmark_bars([r.to_json() for r in records], metric, title)
+    figure.savefig(prefix.with_suffix(".png"), dpi=120)

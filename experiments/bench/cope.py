@@ -220,13 +220,11 @@ def table(records: list[CopeRecord]) -> str:
 
 def _chart(records: list[CopeRecord], path: Path, title: str) -> None:
     """ms (top) and temporary bytes (bottom), one panel per pass, log scale, OOM marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     shapes = list(dict.fromkeys(r.shape for r in records))
-    fig, axes = plt.subplots(2, len(PASSES), figsize=(max(10, 2.2 * len(shapes)), 7), squeeze=False)
+    fig = Figure(figsize=(max(10, 2.2 * len(shapes)), 7))
+    axes = fig.subplots(2, len(PASSES), squeeze=False)
     width = 0.8 / len(IMPLS)
     for col, pass_ in enumerate(PASSES):
         for row, (metric, ylabel) in enumerate((("ms", "ms"), ("temp_bytes", "temp bytes"))):
@@ -255,7 +253,6 @@ def _chart(records: list[CopeRecord], path: Path, title: str) -> None:
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def write_outputs(records: list[CopeRecord], out: str | Path, iters: int) -> str:

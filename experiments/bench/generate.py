@@ -175,20 +175,16 @@ def _write(records: list[GenRecord], out: str, title: str, extra: str) -> None:
     prefix.with_suffix(".md").write_text(
         f"# {title}\n\nDevice: {device}, jax {jax.__version__}.\n\n{table}\n\n{extra}\n"
     )
-    try:
-        import matplotlib
+    from matplotlib.figure import Figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
     ok = [
         dataclasses.replace(r, variant=f"{r.encoding} {r.variant}") for r in records if not r.error
     ]
     variants = list(dict.fromkeys(r.variant for r in ok))
     batches = sorted({r.batch for r in ok})
     width = 0.8 / max(len(variants), 1)
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig = Figure(figsize=(8, 4.5))
+    ax = fig.subplots()
     for i, v in enumerate(variants):
         vals = [
             next((r.tokens_per_s for r in ok if r.variant == v and r.batch == b), 0.0)
@@ -202,7 +198,6 @@ def _write(records: list[GenRecord], out: str, title: str, extra: str) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(prefix.with_suffix(".png"), dpi=120)
-    plt.close(fig)
 
 
 def run(out: str | None = None, iters: int = 20, quick: bool = False) -> list[GenRecord]:

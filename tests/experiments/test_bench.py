@@ -54,7 +54,7 @@ def test_bench_train_reports_mfu_with_options(tmp_path):
         # Counting pads its programs to seq_len: the real-token rate counts the timed batch's
         # non-padding inputs (batch 1 at step `warmup`), so it is below the padded rate.
         from experiments.configlib import load_config
-        from experiments.train import build_task
+        from experiments.steps import build_task
 
         config = load_config(r["config"])
         task = build_task(config)

@@ -449,14 +449,14 @@ def test_generated_batches_are_fast(name):
 
 def test_flipflop_config_reaches_the_hub_source(monkeypatch):
     """`configs/flipflop.py:<variant>,source=hub` builds the hub task (256-pair sequences)."""
-    from experiments import train
+    from experiments import steps
     from experiments.configlib import load_config
     from experiments.tasks import flipflop
 
     built = []
     monkeypatch.setattr(flipflop, "FlipFlopHub", lambda: built.append("hub") or "hub task")
     config = load_config("configs/flipflop.py:cope,source=hub")
-    assert config.task.options.source == "hub" and train.build_task(config) == "hub task"
+    assert config.task.options.source == "hub" and steps.build_task(config) == "hub task"
     assert built == ["hub"]
     with pytest.raises(ValueError, match="256-pair sequences.*takes no options.*num_pairs"):
-        train.build_task(load_config("configs/flipflop.py:cope,smoke,source=hub"))
+        steps.build_task(load_config("configs/flipflop.py:cope,smoke,source=hub"))

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 from configs.base import VARIANTS
-from experiments import train
+from experiments import loop, steps, train
 from experiments.checkpointing import Checkpoints
 from experiments.configlib import apply_override, load_config
+from experiments.rundir import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ["flipflop", "selective_copy", "counting"]
@@ -78,8 +79,8 @@ def run_child(code: str, env_extra: dict | None = None, check=True) -> subproces
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_every_config_builds_for_every_variant(task, variant):
     config = load_config(str(ROOT / f"configs/{task}.py") + f":{variant}")
-    task_obj = train.build_task(smoke(task, variant))
-    model_cfg = train.build_model_config(config, task_obj)
+    task_obj = steps.build_task(smoke(task, variant))
+    model_cfg = steps.build_model_config(config, task_obj)
     assert model_cfg.encoding == VARIANTS[variant]
     assert (model_cfg.num_layers, model_cfg.d_model, model_cfg.num_heads) == (4, 256, 4)
 
@@ -90,7 +91,7 @@ def test_counting_config_is_the_official_run():
     assert config.train.learning_rate == 7e-5 and config.train.batch_size == 64
     assert config.train.steps == 15_625  # 100 epochs of 10k samples
     assert config.model.post_norm and config.model.tie_embeddings and config.model.dropout == 0.1
-    model_cfg = train.build_model_config(config, train.build_task(smoke("counting")))
+    model_cfg = steps.build_model_config(config, steps.build_task(smoke("counting")))
     assert model_cfg.cope_npos == 513  # the official block_size 512 + 1
 
 
@@ -140,8 +141,7 @@ def test_cli_reports_bad_field_in_one_line(tmp_path, capsys):
 
 
 def train_records(workdir: Path) -> list[dict]:
-    lines = (workdir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if "train" in r]
+    return [r for r in read_metrics(workdir) if "train" in r]
 
 
 def test_smoke_train_writes_the_run_directory(tmp_path):
@@ -155,7 +155,7 @@ def test_smoke_train_writes_the_run_directory(tmp_path):
         assert (tmp_path / name).exists()
     assert list((tmp_path / "tensorboard").iterdir())
     assert Checkpoints(tmp_path / "checkpoints", keep=3).steps() == [10, 12]
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(tmp_path)
     assert (
         any("eval" in r for r in records) and records[-1]["step"] == 12 and "final" in records[-1]
     )
@@ -180,19 +180,19 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     """The child is killed with SIGKILL three steps after its checkpoint at step 10."""
     script = """
         import os, signal, sys
-        from experiments import train
+        from experiments import rundir, train
         from experiments.configlib import load_config, apply_override
         config = load_config("configs/selective_copy.py:cope,smoke")
         for o in ["train.steps=24", "train.checkpoint_every=10", "train.log_every=1",
                   "train.eval_every=12", "model.dropout=0.1"]:
             apply_override(config, o)
         kill_at = int(os.environ.get("KILL_AT", "0"))
-        write = train.MetricsLog.write
+        write = rundir.MetricsLog.write
         def write_then_maybe_die(self, step, record):
             write(self, step, record)
             if step == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
-        train.MetricsLog.write = write_then_maybe_die
+        rundir.MetricsLog.write = write_then_maybe_die
         train.train_and_evaluate(config, sys.argv[-1] if False else os.environ["WORKDIR"],
                                  progress=False)
     """
@@ -215,10 +215,10 @@ def test_sigterm_stops_cleanly_and_the_rerun_finishes_identically(tmp_path, when
     logged), or during set-up (nothing trained, nothing lost): exit code 3, then an exact resume."""
     script = """
         import os, signal, sys
-        from experiments import train
+        from experiments import loop, rundir, train
         when = os.environ.get("TERM_WHEN", "")
         if when == "mid_interval":
-            make = train.make_train_step
+            make = loop.make_train_step
             def make_and_wrap(ts, seed, **options):
                 step = make(ts, seed, **options)
                 def wrapped(state, batch, i):
@@ -227,13 +227,13 @@ def test_sigterm_stops_cleanly_and_the_rerun_finishes_identically(tmp_path, when
                         os.kill(os.getpid(), signal.SIGTERM)
                     return out
                 return wrapped
-            train.make_train_step = make_and_wrap
+            loop.make_train_step = make_and_wrap
         if when == "setup":
-            init = train.MetricsLog.__init__
+            init = rundir.MetricsLog.__init__
             def init_then_term(self, *args):
                 init(self, *args)
                 os.kill(os.getpid(), signal.SIGTERM)
-            train.MetricsLog.__init__ = init_then_term
+            rundir.MetricsLog.__init__ = init_then_term
         sys.exit(train.main(["--config", "configs/flipflop.py:cope,smoke", "--workdir",
                              os.environ["WORKDIR"], "--no-progress", "--config.train.steps=16",
                              "--config.train.log_every=4", "--config.train.checkpoint_every=12"]))
@@ -285,12 +285,12 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     train.train_and_evaluate(config, tmp_path, progress=False)
     before = Checkpoints(tmp_path / "checkpoints", keep=3).steps()
     apply_override(config, "train.steps=20")
-    real = train.masked_cross_entropy
+    real = steps.masked_cross_entropy
     monkeypatch.setattr(
-        train, "masked_cross_entropy", lambda *a: (real(*a)[0] * np.nan, real(*a)[1])
+        steps, "masked_cross_entropy", lambda *a: (real(*a)[0] * np.nan, real(*a)[1])
     )
     # Steps are counted from 1: step 11 is the first after the checkpoint at 10.
-    with pytest.raises(train.TrainingDiverged, match="loss became nan at step 11.*checkpoints/10"):
+    with pytest.raises(loop.TrainingDiverged, match="loss became nan at step 11.*checkpoints/10"):
         train.train_and_evaluate(config, tmp_path, progress=False)
     assert Checkpoints(tmp_path / "checkpoints", keep=3).steps() == before
 
@@ -309,7 +309,7 @@ def test_data_parallel_step_equals_single_device():
         """
         import jax, numpy as np
         from flax import nnx
-        from experiments import train, sharding
+        from experiments import sharding, steps
         from experiments.configlib import load_config, apply_override
         assert len(jax.devices()) == 4
         params = {}
@@ -322,9 +322,9 @@ def test_data_parallel_step_equals_single_device():
             # zero-initialised CoPE table hides the gates); Adam turns its float noise into
             # full-size steps that differ between reduction orders, so leave it out.
             apply_override(config, "model.use_bias=False")
-            task = train.build_task(config)
-            ts = train.init_train_state(config, train.build_model_config(config, task), devices)
-            step = train.make_train_step(ts, config.train.seed)
+            task = steps.build_task(config)
+            ts = steps.init_train_state(config, steps.build_model_config(config, task), devices)
+            step = steps.make_train_step(ts, config.train.seed)
             bs = sharding.batch_sharding(ts.mesh)
             for i in range(3):
                 batch = task.train_batch(config.train.seed, i, 8)
@@ -601,7 +601,7 @@ def test_half_specified_multi_process_launch_is_one_error(monkeypatch):
 def test_bad_sizes_are_one_error_before_anything_is_written(tmp_path, override, devices, message):
     config = smoke("flipflop", **dict([override.split("=")]))
     with pytest.raises(ValueError, match=message):
-        train.check_train_config(config, devices)
+        loop.check_train_config(config, devices)
     if devices == 1:
         with pytest.raises(ValueError, match=message):
             train.train_and_evaluate(config, tmp_path / "run", progress=False)
@@ -704,7 +704,6 @@ def test_fewer_steps_torn_or_missing_metrics_on_resume(tmp_path):
     """Fewer train.steps than the checkpoint: refused, nothing changed. A torn last line of
     metrics.jsonl: dropped with a warning. A deleted metrics.jsonl: a warning. Each rerun
     finishes with exactly one final record."""
-    from experiments.metrics import read_metrics
 
     def run(steps):
         every = {f"train.{k}_every": 2 for k in ("checkpoint", "log", "eval")}
@@ -737,7 +736,6 @@ def test_fewer_steps_torn_or_missing_metrics_on_resume(tmp_path):
 
 
 def test_metrics_log_errors_name_the_file_and_line(tmp_path):
-    from experiments.metrics import read_metrics
 
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2, "tr\n{"step": 3}\n')
     with pytest.raises(ValueError, match=r"metrics.jsonl line 2 is not a JSON record"):
@@ -762,7 +760,7 @@ def test_divergence_never_checkpoints_a_non_finite_state(tmp_path):
         },
     )
     with pytest.raises(
-        train.TrainingDiverged,
+        loop.TrainingDiverged,
         match=r"parameters or optimizer state became NaN/inf \(loss [0-9.]+\) at step 1; "
         r"stopped. Last good checkpoint: none",
     ):
@@ -780,7 +778,7 @@ def test_a_non_finite_checkpoint_is_skipped_and_set_aside(tmp_path):
 
     config = smoke("flipflop", **{"train.steps": 4, "train.checkpoint_every": 2})
     first = train.train_and_evaluate(config, tmp_path, progress=False)
-    ts = train.init_train_state(config, train.build_model_config(config, train.build_task(config)))
+    ts = steps.init_train_state(config, steps.build_model_config(config, steps.build_task(config)))
     checkpoints = Checkpoints(tmp_path / "checkpoints", keep=3)
     checkpoints.manager.delete(4)
     poisoned = jax.tree.map(

@@ -18,7 +18,7 @@ import pytest
 from flax import nnx
 
 from cope.model import Transformer
-from experiments import extrapolate, train
+from experiments import extrapolate, steps, train
 from experiments.configlib import apply_override, load_config
 from experiments.tasks import make_task
 from experiments.tasks import wikitext as wt
@@ -217,7 +217,7 @@ def test_hub_offline_fails_with_one_line(tmp_path):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_every_config_variant_builds(variant):
     stand_in = types.SimpleNamespace(vocab_size=50_257, max_seq_len=1024)
-    big = train.build_model_config(
+    big = steps.build_model_config(
         load_config(f"{ROOT}/configs/wikitext.py:{variant},size=gpt2_small"), stand_in
     )
     assert (big.num_layers, big.d_model, big.num_heads, big.max_len) == (12, 768, 12, 1024)
@@ -227,8 +227,8 @@ def test_every_config_variant_builds(variant):
         assert sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))) == 124_439_808
     config = load_config(f"{ROOT}/configs/wikitext.py:{variant}")
     assert config.task.options.tokenizer == "word" and config.train.optimizer == "adamw"
-    task = train.build_task(config)
-    small = train.build_model_config(config, task)
+    task = steps.build_task(config)
+    small = steps.build_model_config(config, task)
     assert (small.num_layers, small.d_model, small.vocab_size, small.max_len) == (
         6,
         512,
@@ -236,7 +236,7 @@ def test_every_config_variant_builds(variant):
         512,
     )
     smoke = load_config(f"{ROOT}/configs/wikitext.py:{variant},smoke")
-    assert train.build_task(smoke).seq_len("valid") == 32
+    assert steps.build_task(smoke).seq_len("valid") == 32
     # The final evaluation covers the whole of valid and test.
     assert config.eval.final_num_examples >= max(task.num_examples(s) for s in ("valid", "test"))
 
