@@ -22,6 +22,9 @@ from pallas_kernels.flash_attention.config import (
 _DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 _BACKENDS = ("triton", "mosaic")
 
+# `segment_ids=` (packed rows) is served, forward and backward; the seam reads this flag.
+TAKES_SEGMENT_IDS = True
+
 
 def why_unsupported(q, k, v) -> str | None:
     """None when `flash_attention` can serve q, k, v (arrays or ShapeDtypeStructs); else the
@@ -35,7 +38,7 @@ def why_unsupported(q, k, v) -> str | None:
     return None
 
 
-def _validate(q, k, v, lengths) -> None:
+def _validate(q, k, v, lengths, segment_ids) -> None:
     if q.ndim != 4:
         raise ValueError(f"q must be [B, T, H, D], got shape {q.shape}")
     if k.ndim != 4 or k.shape != v.shape:
@@ -56,11 +59,19 @@ def _validate(q, k, v, lengths) -> None:
             f"lengths must be an int array of shape ({q.shape[0]},), got "
             f"{lengths.shape} {lengths.dtype}"
         )
+    if segment_ids is not None:
+        if q.shape[1] != k.shape[1] or segment_ids.shape != q.shape[:2]:
+            raise ValueError(
+                f"segment_ids must be [batch, q_len]={q.shape[:2]} for self-attention "
+                f"(q_len == kv_len), got shape {segment_ids.shape} with k {k.shape}"
+            )
+        if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+            raise ValueError(f"segment_ids must be an integer array, got {segment_ids.dtype}")
 
 
-def _as_arrays(q, k, v, lengths):
+def _as_arrays(*xs):
     """Python lists or tuples (of numbers) become arrays; everything else is left to `_validate`."""
-    return tuple(jnp.asarray(x) if isinstance(x, list | tuple) else x for x in (q, k, v, lengths))
+    return tuple(jnp.asarray(x) if isinstance(x, list | tuple) else x for x in xs)
 
 
 def _round_up(x: int, m: int) -> int:
@@ -96,11 +107,23 @@ class _Problem:
         return self.kv_len - self.q_len
 
 
-def _forward(q, k, v, lengths, prob: _Problem):
+def _pad_segments(segment_ids, prob: _Problem):
+    """[B, T] segment ids -> None or (q_seg [B, T_pad], kv_seg [B, S_pad]) int32. Padding
+    repeats the last id, which keeps each block's id range (padded keys are masked by length,
+    padded query rows sliced off)."""
+    if segment_ids is None:
+        return None
+    seg = segment_ids.astype(jnp.int32)
+    return tuple(
+        jnp.pad(seg, ((0, 0), (0, n - prob.q_len)), mode="edge") for n in (prob.q_pad, prob.kv_pad)
+    )
+
+
+def _forward(q, k, v, lengths, segment_ids, prob: _Problem):
     qp = _pad_to(q, prob.q_pad, prob.d_pad)
     kp = _pad_to(k, prob.kv_pad, prob.d_pad)
     vp = _pad_to(v, prob.kv_pad, prob.d_pad)
-    if prob.mosaic is not None:
+    if prob.mosaic is not None:  # never with segment_ids (see `_plan`)
         from pallas_kernels.flash_attention import pallas_mosaic_gpu
 
         return pallas_mosaic_gpu.forward(
@@ -111,6 +134,7 @@ def _forward(q, k, v, lengths, prob: _Problem):
         kp,
         vp,
         lengths,
+        _pad_segments(segment_ids, prob),
         scale=prob.scale,
         causal=prob.causal,
         offset=prob.offset,
@@ -120,19 +144,20 @@ def _forward(q, k, v, lengths, prob: _Problem):
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _flash(q, k, v, lengths, prob: _Problem):
-    out, _ = _forward(q, k, v, lengths, prob)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _flash(q, k, v, lengths, segment_ids, prob: _Problem):
+    out, _ = _forward(q, k, v, lengths, segment_ids, prob)
     return out[:, : prob.q_len, :, : prob.head_dim]
 
 
-def _flash_fwd(q, k, v, lengths, prob: _Problem):
-    out, lse = _forward(q, k, v, lengths, prob)
-    return out[:, : prob.q_len, :, : prob.head_dim], (q, k, v, lengths, out, lse)
+def _flash_fwd(q, k, v, lengths, segment_ids, prob: _Problem):
+    out, lse = _forward(q, k, v, lengths, segment_ids, prob)
+    residuals = (q, k, v, lengths, segment_ids, out, lse)
+    return out[:, : prob.q_len, :, : prob.head_dim], residuals
 
 
 def _flash_bwd(prob: _Problem, residuals, d_out):
-    q, k, v, lengths, out, lse = residuals
+    q, k, v, lengths, segment_ids, out, lse = residuals
     dq, dk, dv = pallas_triton.backward(
         _pad_to(q, prob.q_pad, prob.d_pad),
         _pad_to(k, prob.kv_pad, prob.d_pad),
@@ -141,6 +166,7 @@ def _flash_bwd(prob: _Problem, residuals, d_out):
         out,
         lse,
         _pad_to(d_out.astype(q.dtype), prob.q_pad, prob.d_pad),
+        _pad_segments(segment_ids, prob),
         scale=prob.scale,
         causal=prob.causal,
         offset=prob.offset,
@@ -151,7 +177,7 @@ def _flash_bwd(prob: _Problem, residuals, d_out):
     dq = dq[:, : prob.q_len, :, : prob.head_dim]
     dk = dk[:, : prob.kv_len, :, : prob.head_dim]
     dv = dv[:, : prob.kv_len, :, : prob.head_dim]
-    return dq, dk, dv, None
+    return dq, dk, dv, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -163,9 +189,11 @@ def _mosaic_supported(q, k, interpret: bool) -> bool:
     return _device.is_hopper()
 
 
-def _plan(q, k, v, *, causal, lengths, scale, interpret, tuning) -> tuple[jax.Array, _Problem]:
+def _plan(
+    q, k, v, *, causal, lengths, segment_ids, scale, interpret, tuning
+) -> tuple[jax.Array, _Problem]:
     """Validates the inputs and fixes backend, blocks and padding: (clipped lengths, problem)."""
-    _validate(q, k, v, lengths)
+    _validate(q, k, v, lengths, segment_ids)
     batch, q_len, _, head_dim = q.shape
     kv_len = k.shape[1]
     interpret = resolve_interpret(interpret)
@@ -185,7 +213,13 @@ def _plan(q, k, v, *, causal, lengths, scale, interpret, tuning) -> tuple[jax.Ar
     config = dataclasses.replace(config, **tuning)
 
     d_pad = max(16, 1 << (head_dim - 1).bit_length())
-    use_mosaic = backend == "mosaic" or (backend is None and _mosaic_supported(q, k, interpret))
+    if backend == "mosaic" and segment_ids is not None:
+        raise ValueError("backend='mosaic' takes no segment_ids (packed rows use the Triton one)")
+    # Packed rows go to the Triton forward: the Mosaic GPU kernel has no segment mask, and it
+    # cannot run in interpret mode, where the packing tests run.
+    use_mosaic = backend == "mosaic" or (
+        backend is None and segment_ids is None and _mosaic_supported(q, k, interpret)
+    )
     if use_mosaic:
         if not _mosaic_supported(q, k, interpret):
             raise ValueError(
@@ -244,6 +278,7 @@ def flash_attention(
     causal: bool = True,
     lengths: jax.Array | None = None,
     scale: float | None = None,
+    segment_ids: jax.Array | None = None,
     interpret: bool | None = None,
     **tuning,
 ) -> jax.Array:
@@ -255,6 +290,11 @@ def flash_attention(
       causal: mask keys after the query, the last query aligned with the last key.
       lengths: optional [B] int, valid keys per sequence (ragged padding masked).
       scale: logit scale, default 1/sqrt(D).
+      segment_ids: optional [B, T] int (self-attention, T == S): packed rows, several sequences
+        per row; a query attends only keys of its own segment. Tiles whose query and key
+        blocks share no segment are skipped; that pruning reads each block's min and max id, so
+        it is tight when every segment is one run and ids do not decrease along the row (what
+        packing makes); the mask itself is exact for any ids.
       interpret: Pallas interpret mode; None means interpret exactly when no GPU is present.
       **tuning: `backend` ("triton", "mosaic" or None = best for the device and inputs),
         `config` (a `TritonConfig`), any `TritonConfig` field by name, `mosaic_config`
@@ -263,21 +303,46 @@ def flash_attention(
     Returns:
       [B, T, H, D] in q.dtype.
     """
-    q, k, v, lengths = _as_arrays(q, k, v, lengths)
+    q, k, v, lengths, segment_ids = _as_arrays(q, k, v, lengths, segment_ids)
     lengths, prob = _plan(
-        q, k, v, causal=causal, lengths=lengths, scale=scale, interpret=interpret, tuning=tuning
+        q,
+        k,
+        v,
+        causal=causal,
+        lengths=lengths,
+        segment_ids=segment_ids,
+        scale=scale,
+        interpret=interpret,
+        tuning=tuning,
     )
-    return _flash(q, k, v, lengths, prob)
+    return _flash(q, k, v, lengths, segment_ids, prob)
 
 
 def flash_attention_with_lse(
-    q, k, v, *, causal=True, lengths=None, scale=None, interpret=None, **tuning
+    q,
+    k,
+    v,
+    *,
+    causal=True,
+    lengths=None,
+    scale=None,
+    segment_ids=None,
+    interpret=None,
+    **tuning,
 ) -> tuple[jax.Array, jax.Array]:
     """Forward only, also returning the [B, H, T] fp32 log-sum-exp (for tests and combines)."""
     tuning = {"backend": "triton", **tuning, "debug": False}
-    q, k, v, lengths = _as_arrays(q, k, v, lengths)
+    q, k, v, lengths, segment_ids = _as_arrays(q, k, v, lengths, segment_ids)
     lengths, prob = _plan(
-        q, k, v, causal=causal, lengths=lengths, scale=scale, interpret=interpret, tuning=tuning
+        q,
+        k,
+        v,
+        causal=causal,
+        lengths=lengths,
+        segment_ids=segment_ids,
+        scale=scale,
+        interpret=interpret,
+        tuning=tuning,
     )
-    out, lse = _forward(q, k, v, lengths, prob)
+    out, lse = _forward(q, k, v, lengths, segment_ids, prob)
     return out[:, : prob.q_len, :, : prob.head_dim], lse[:, :, : prob.q_len]

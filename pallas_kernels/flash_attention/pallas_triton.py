@@ -1,10 +1,12 @@
 """FlashAttention-2 forward and backward (Dao, 2023, arXiv 2307.08691) as Pallas-Triton kernels.
 
 Layout BTHD, GQA by indexing kv head `h // G`, causal masking aligned to the last key, ragged
-`lengths`. Sequences arrive padded to whole blocks (see `api.py`); padded keys are masked
-through `lengths <= S`, padded query rows are computed and sliced off by the caller.
-Each KV (or Q) loop is split in two: blocks that need no mask run a lean body, only the few
-blocks crossing the diagonal or the length boundary pay for the mask.
+`lengths`, packed rows (`segment_ids`: a query sees only keys of its own segment). Sequences
+arrive padded to whole blocks (see `api.py`); padded keys are masked through `lengths <= S`,
+padded query rows are computed and sliced off by the caller.
+Each KV (or Q) loop is split: blocks that need no mask run a lean body, only the few blocks
+crossing the diagonal, the length boundary or a segment boundary pay for the mask, and tiles
+whose query and key blocks share no segment are skipped (`segment_tiles`).
 """
 
 from __future__ import annotations
@@ -71,12 +73,108 @@ def _finite_or_zero(x: jax.Array) -> jax.Array:
     return jnp.where(jnp.isfinite(x), x, 0)
 
 
-def _mask(rows, cols, length, *, causal: bool, offset: int):
-    """[rows, cols] validity: key inside `length` and (causal) not after the query."""
+def _mask(rows, cols, length, *, causal: bool, offset: int, q_seg=None, kv_seg=None):
+    """[rows, cols] validity: key inside `length`, (causal) not after the query and (packed
+    rows, given the [rows] and [cols] segment ids) of the query's segment."""
     valid = cols[None, :] < length
     if causal:
         valid = valid & (cols[None, :] <= rows[:, None] + offset)
+    if q_seg is not None:
+        valid = valid & (q_seg[:, None] == kv_seg[None, :])
     return valid
+
+
+def segment_tiles(q_seg: jax.Array, kv_seg: jax.Array, *, block_q: int, block_k: int):
+    """Which tiles of packed rows hold pairs of one segment, from each block's min and max id.
+
+    q_seg [B, T_pad] and kv_seg [B, S_pad] int32 -> (shared, single), both
+    [B, T_pad / block_q, S_pad / block_k] bool. `shared` is False only where the id ranges
+    [min, max] of the query block and the key block are disjoint: such a tile has no pair of
+    one segment and is skipped, whatever the ids. `single` marks tiles whose query and key
+    blocks hold one and the same id, so the segments mask none of their pairs. With contiguous
+    runs of non-decreasing ids (what packing makes) `shared` is exactly "some pair is of one
+    segment"; other layouts only skip fewer tiles, since the in-tile mask is always exact.
+    """
+    batch = q_seg.shape[0]
+    q_blocks = q_seg.reshape(batch, -1, block_q)
+    kv_blocks = kv_seg.reshape(batch, -1, block_k)
+    q_min, q_max = q_blocks.min(-1)[:, :, None], q_blocks.max(-1)[:, :, None]  # [B, nq, 1]
+    kv_min, kv_max = kv_blocks.min(-1)[:, None], kv_blocks.max(-1)[:, None]  # [B, 1, nk]
+    shared = (kv_max >= q_min) & (kv_min <= q_max)
+    single = (q_min == q_max) & (kv_min == kv_max) & (q_min == kv_min)
+    return shared, single
+
+
+def tile_ranges(shared: jax.Array, single: jax.Array) -> jax.Array:
+    """[..., n] bool tile flags of one block against the n blocks of the other axis ->
+    [..., 4] int32 (lo, single_lo, single_hi, hi): tiles outside [lo, hi) share no segment,
+    tiles in [single_lo, single_hi) are `single` (the first run of them); lo <= single_lo <=
+    single_hi <= hi, and all four are 0 when no tile is shared."""
+    n = shared.shape[-1]
+    index = jnp.arange(n)
+    any_shared = shared.any(-1)
+    lo = jnp.where(any_shared, jnp.argmax(shared, -1), 0)
+    hi = jnp.where(any_shared, n - jnp.argmax(shared[..., ::-1], -1), 0)
+    single_lo = jnp.where(single.any(-1), jnp.argmax(single, -1), hi)
+    # Tiles before single_lo count as 1, so the cumulative product ends at the run's end.
+    run = jnp.cumprod(single | (index < single_lo[..., None]), axis=-1)
+    single_hi = jnp.maximum(jnp.sum(run, -1), single_lo)
+    return jnp.stack([lo, single_lo, single_hi, hi], axis=-1).astype(jnp.int32)
+
+
+def _kv_loops(q_block, length, tiles_ref, *, block_q, block_k, causal, offset):
+    """The KV blocks a query block visits, as (unmasked, masked) tuples of [start, stop)
+    ranges: together they cover every tile holding an allowed pair; the unmasked ones only
+    tiles whose pairs all are."""
+    full, hi = _q_block_bounds(
+        q_block, length, block_q=block_q, block_k=block_k, causal=causal, offset=offset
+    )
+    if tiles_ref is None:
+        return ((0, full),), ((full, hi),)
+    seg_lo, single_lo, single_hi, seg_hi = (tiles_ref[n] for n in range(4))
+    hi = jnp.minimum(hi, seg_hi)
+    lo = jnp.minimum(seg_lo, hi)
+    a = jnp.clip(single_lo, lo, hi)
+    b = jnp.clip(jnp.minimum(single_hi, full), a, hi)
+    return ((a, b),), ((lo, a), (b, hi))
+
+
+def _loop(ranges, body, carry):
+    """`body(block, carry)` over the blocks of one or two [start, stop) ranges, in order. Two
+    ranges share one loop, so the (masked) body is traced and compiled once."""
+    if len(ranges) == 1:
+        ((start, stop),) = ranges
+        return lax.fori_loop(start, stop, body, carry)
+    (start0, stop0), (start1, stop1) = ranges
+    n0 = stop0 - start0
+
+    def step(n, carry):
+        return body(jnp.where(n < n0, start0 + n, start1 - n0 + n), carry)
+
+    return lax.fori_loop(0, n0 + stop1 - start1, step, carry)
+
+
+def _kv_segments(q_seg_ref, kv_seg_ref, block_k: int):
+    """kv_block -> the segment arguments of `_mask` for a query block's tile ({} unpacked)."""
+    if q_seg_ref is None:
+        return lambda kv_block: {}
+    q_seg = q_seg_ref[...]  # [block_q]
+    return lambda kv_block: {
+        "q_seg": q_seg,
+        "kv_seg": kv_seg_ref[pl.ds(kv_block * block_k, block_k)],  # [block_k]
+    }
+
+
+def _segment_inputs(segments, *, block_q: int, block_k: int, by_keys: bool):
+    """The packed-row kernel inputs: [] without segments, else (tiles [B, n, 4] int32 per
+    query block, or per key block with `by_keys`, q_seg [B, T_pad], kv_seg [B, S_pad])."""
+    if segments is None:
+        return []
+    q_seg, kv_seg = segments
+    shared, single = segment_tiles(q_seg, kv_seg, block_q=block_q, block_k=block_k)
+    if by_keys:
+        shared, single = jnp.swapaxes(shared, 1, 2), jnp.swapaxes(single, 1, 2)
+    return [tile_ranges(shared, single), q_seg, kv_seg]
 
 
 def _forward_kernel(
@@ -84,9 +182,8 @@ def _forward_kernel(
     q_ref,
     k_ref,
     v_ref,
-    o_ref,
-    lse_ref,
-    *,
+    *refs,
+    segments: bool,
     scale: float,
     causal: bool,
     offset: int,
@@ -94,14 +191,18 @@ def _forward_kernel(
     block_k: int,
     num_q_blocks: int,
 ):
-    # length_ref: [] int32; q_ref, o_ref: [block_q, D]; k_ref, v_ref: [S_pad, D];
-    # lse_ref: [block_q] fp32
+    # length_ref: [] int32; q_ref: [block_q, D]; k_ref, v_ref: [S_pad, D]; refs: with
+    # `segments` tiles_ref [4] int32 (`tile_ranges`), q_seg_ref [block_q] int32, kv_seg_ref
+    # [S_pad] int32; then o_ref [block_q, D], lse_ref [block_q] fp32
+    tiles_ref, q_seg_ref, kv_seg_ref = refs[:3] if segments else (None, None, None)
+    o_ref, lse_ref = refs[-2:]
     q_block = _q_block_id(causal, num_q_blocks)
     length = length_ref[...]
     head_dim = q_ref.shape[-1]
     q = q_ref[...]  # [block_q, D]
     qk_scale = scale * LOG2E
     rows = q_block * block_q + jnp.arange(block_q)  # [block_q]
+    segs = _kv_segments(q_seg_ref, kv_seg_ref, block_k)
 
     def body(kv_block, carry, *, masked: bool):
         acc, m_prev, l_prev = carry
@@ -110,7 +211,7 @@ def _forward_kernel(
         s = _dot(q, k, trans_b=True) * qk_scale  # [block_q, block_k], log2 domain
         if masked:
             cols = kv_block * block_k + jnp.arange(block_k)
-            valid = _mask(rows, cols, length, causal=causal, offset=offset)
+            valid = _mask(rows, cols, length, causal=causal, offset=offset, **segs(kv_block))
             # A masked key may hold anything: its non-finite values are zeroed (p = 0 times NaN
             # would still be NaN) and an allowed pair reading a zeroed value gets a NaN logit.
             v_ok = _finite_rows(v)  # [block_k]
@@ -128,16 +229,17 @@ def _forward_kernel(
         acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
         return acc, m_next, l_next
 
-    full, hi = _q_block_bounds(
-        q_block, length, block_q=block_q, block_k=block_k, causal=causal, offset=offset
+    loops = _kv_loops(
+        q_block, length, tiles_ref, block_q=block_q, block_k=block_k, causal=causal, offset=offset
     )
     carry = (
         jnp.zeros((block_q, head_dim), jnp.float32),
         jnp.full((block_q,), MASK_VALUE, jnp.float32),
         jnp.zeros((block_q,), jnp.float32),
     )
-    carry = lax.fori_loop(0, full, functools.partial(body, masked=False), carry)
-    acc, m, l = lax.fori_loop(full, hi, functools.partial(body, masked=True), carry)
+    unmasked, masked = loops
+    carry = _loop(unmasked, functools.partial(body, masked=False), carry)
+    acc, m, l = _loop(masked, functools.partial(body, masked=True), carry)
     empty = l == 0.0  # no allowed key (a NaN l is a NaN row, not an empty one)
     l_safe = jnp.where(empty, 1.0, l)
     out = acc / l_safe[:, None]
@@ -154,6 +256,7 @@ def forward(
     k,
     v,
     lengths,
+    segments=None,
     *,
     scale: float,
     causal: bool,
@@ -162,7 +265,8 @@ def forward(
     interpret: bool,
     debug: bool = False,
 ):
-    """q [B, T_pad, H, D], k/v [B, S_pad, K, D], lengths [B] int32 -> out [B, T_pad, H, D],
+    """q [B, T_pad, H, D], k/v [B, S_pad, K, D], lengths [B] int32, segments None or the
+    segment ids (q_seg [B, T_pad], kv_seg [B, S_pad]) int32 -> out [B, T_pad, H, D],
     lse [B, H, T_pad] fp32 (natural log)."""
     batch, q_len, heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
@@ -171,6 +275,7 @@ def forward(
     num_q_blocks = q_len // block_q
     kernel = functools.partial(
         _forward_kernel,
+        segments=segments is not None,
         scale=scale,
         causal=causal,
         offset=offset,
@@ -185,6 +290,13 @@ def forward(
         pl.BlockSpec((None, kv_len, None, head_dim), lambda i, b, h: (b, 0, h // group, 0)),
         pl.BlockSpec((None, kv_len, None, head_dim), lambda i, b, h: (b, 0, h // group, 0)),
     ]
+    seg_inputs = _segment_inputs(segments, block_q=block_q, block_k=block_k, by_keys=False)
+    if seg_inputs:
+        in_specs += [
+            pl.BlockSpec((None, None, 4), lambda i, b, h: (b, qb(i), 0)),
+            pl.BlockSpec((None, block_q), lambda i, b, h: (b, qb(i))),
+            pl.BlockSpec((None, kv_len), lambda i, b, h: (b, 0)),
+        ]
     out_specs = [
         pl.BlockSpec((None, block_q, None, head_dim), lambda i, b, h: (b, qb(i), h, 0)),
         pl.BlockSpec((None, None, block_q), lambda i, b, h: (b, h, qb(i))),
@@ -204,7 +316,7 @@ def forward(
         interpret=interpret,
         debug=debug,
         name="flash_attention_fwd",
-    )(lengths, q, k, v)
+    )(lengths, q, k, v, *seg_inputs)
 
 
 def _dq_kernel(
@@ -215,8 +327,8 @@ def _dq_kernel(
     do_ref,
     lse_ref,
     delta_ref,
-    dq_ref,
-    *,
+    *refs,
+    segments: bool,
     scale: float,
     causal: bool,
     offset: int,
@@ -224,8 +336,11 @@ def _dq_kernel(
     block_k: int,
     num_q_blocks: int,
 ):
-    # length_ref: [] int32; q_ref, do_ref, dq_ref: [block_q, D]; k_ref, v_ref: [S_pad, D];
-    # lse_ref, delta_ref: [block_q] fp32
+    # length_ref: [] int32; q_ref, do_ref: [block_q, D]; k_ref, v_ref: [S_pad, D];
+    # lse_ref, delta_ref: [block_q] fp32; refs: the segment refs of `_forward_kernel` (with
+    # `segments`), then dq_ref [block_q, D]
+    tiles_ref, q_seg_ref, kv_seg_ref = refs[:3] if segments else (None, None, None)
+    dq_ref = refs[-1]
     q_block = _q_block_id(causal, num_q_blocks)
     length = length_ref[...]
     q = q_ref[...]  # [block_q, D]
@@ -234,6 +349,7 @@ def _dq_kernel(
     delta = delta_ref[...]  # [block_q]
     qk_scale = scale * LOG2E
     rows = q_block * block_q + jnp.arange(block_q)
+    segs = _kv_segments(q_seg_ref, kv_seg_ref, block_k)
 
     def body(kv_block, dq, *, masked: bool):
         k = k_ref[pl.ds(kv_block * block_k, block_k), :]  # [block_k, D]
@@ -244,17 +360,19 @@ def _dq_kernel(
         p = jnp.exp2(s - lse2[:, None])
         if masked:
             cols = kv_block * block_k + jnp.arange(block_k)
-            p = jnp.where(_mask(rows, cols, length, causal=causal, offset=offset), p, 0.0)
+            valid = _mask(rows, cols, length, causal=causal, offset=offset, **segs(kv_block))
+            p = jnp.where(valid, p, 0.0)
         dp = _dot(do, v, trans_b=True)  # [block_q, block_k]
         ds = p * (dp - delta[:, None])
         return dq + _dot(ds.astype(k.dtype), k)
 
-    full, hi = _q_block_bounds(
-        q_block, length, block_q=block_q, block_k=block_k, causal=causal, offset=offset
+    loops = _kv_loops(
+        q_block, length, tiles_ref, block_q=block_q, block_k=block_k, causal=causal, offset=offset
     )
     dq = jnp.zeros(q.shape, jnp.float32)
-    dq = lax.fori_loop(0, full, functools.partial(body, masked=False), dq)
-    dq = lax.fori_loop(full, hi, functools.partial(body, masked=True), dq)
+    unmasked, masked = loops
+    dq = _loop(unmasked, functools.partial(body, masked=False), dq)
+    dq = _loop(masked, functools.partial(body, masked=True), dq)
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
@@ -266,9 +384,8 @@ def _dkv_kernel(
     do_ref,
     lse_ref,
     delta_ref,
-    dk_ref,
-    dv_ref,
-    *,
+    *refs,
+    segments: bool,
     scale: float,
     causal: bool,
     offset: int,
@@ -276,8 +393,12 @@ def _dkv_kernel(
     block_k: int,
     group: int,
 ):
-    # length_ref: [] int32; q_ref, do_ref: [T_pad, G, D]; k_ref, v_ref, dk_ref, dv_ref:
-    # [block_k, D]; lse_ref, delta_ref: [G, T_pad] fp32
+    # length_ref: [] int32; q_ref, do_ref: [T_pad, G, D]; k_ref, v_ref: [block_k, D]; lse_ref,
+    # delta_ref: [G, T_pad] fp32; refs: with `segments` tiles_ref [4] int32 (`tile_ranges` of
+    # this key block), q_seg_ref [T_pad] int32, kv_seg_ref [block_k] int32; then dk_ref, dv_ref
+    # [block_k, D]
+    tiles_ref, q_seg_ref, kv_seg_ref = refs[:3] if segments else (None, None, None)
+    dk_ref, dv_ref = refs[-2:]
     kv_block = pl.program_id(0)
     length = length_ref[...]
     q_len = q_ref.shape[0]
@@ -299,6 +420,15 @@ def _dkv_kernel(
     lo = jnp.where(kv_block * block_k < length, lo, num_q_blocks)
     lo = jnp.minimum(lo, num_q_blocks)
     full = jnp.clip(full, lo, num_q_blocks)
+    if segments:
+        seg_lo, single_lo, single_hi, hi = (tiles_ref[n] for n in range(4))
+        kv_seg = kv_seg_ref[...]  # [block_k]
+        lo = jnp.minimum(jnp.maximum(lo, seg_lo), hi)
+        a = jnp.clip(jnp.maximum(single_lo, full), lo, hi)
+        b = jnp.clip(single_hi, a, hi)
+        masked, unmasked = ((lo, a), (b, hi)), ((a, b),)
+    else:
+        masked, unmasked = ((lo, full),), ((full, num_q_blocks),)
 
     def body(q_block, carry, *, g, masked: bool):
         dk, dv = carry
@@ -313,7 +443,10 @@ def _dkv_kernel(
         p = jnp.exp2(s - lse2[:, None])
         if masked:
             rows = q_block * block_q + jnp.arange(block_q)
-            valid = _mask(rows, cols, length, causal=causal, offset=offset)
+            segs = {}
+            if segments:
+                segs = {"q_seg": q_seg_ref[q_rows], "kv_seg": kv_seg}
+            valid = _mask(rows, cols, length, causal=causal, offset=offset, **segs)
             p = jnp.where(valid, p, 0.0)
         dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)  # [block_k, D]
         dp = _dot(do, v, trans_b=True)  # [block_q, block_k]
@@ -324,8 +457,8 @@ def _dkv_kernel(
         return dk, dv
 
     def head(g, carry):
-        carry = lax.fori_loop(lo, full, functools.partial(body, g=g, masked=True), carry)
-        return lax.fori_loop(full, num_q_blocks, functools.partial(body, g=g, masked=False), carry)
+        carry = _loop(masked, functools.partial(body, g=g, masked=True), carry)
+        return _loop(unmasked, functools.partial(body, g=g, masked=False), carry)
 
     zeros = jnp.zeros(k.shape, jnp.float32)
     dk, dv = lax.fori_loop(0, group, head, (zeros, zeros))
@@ -341,6 +474,7 @@ def backward(
     out,
     lse,
     do,
+    segments=None,
     *,
     scale: float,
     causal: bool,
@@ -349,7 +483,8 @@ def backward(
     interpret: bool,
     debug: bool = False,
 ):
-    """Gradients (dq, dk, dv) of the padded problem; GQA dk/dv summed over each group."""
+    """Gradients (dq, dk, dv) of the padded problem; GQA dk/dv summed over each group.
+    `segments` as in `forward`."""
     batch, q_len, heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
     group = heads // kv_heads
@@ -365,9 +500,18 @@ def backward(
     q_spec = pl.BlockSpec((None, block_q, None, head_dim), lambda i, b, h: (b, qb(i), h, 0))
     kv_spec = pl.BlockSpec((None, kv_len, None, head_dim), lambda i, b, h: (b, 0, h // group, 0))
     row_spec = pl.BlockSpec((None, None, block_q), lambda i, b, h: (b, h, qb(i)))
+    seg_inputs = _segment_inputs(segments, block_q=block_q, block_k=block_k, by_keys=False)
+    seg_specs = []
+    if seg_inputs:
+        seg_specs = [
+            pl.BlockSpec((None, None, 4), lambda i, b, h: (b, qb(i), 0)),
+            pl.BlockSpec((None, block_q), lambda i, b, h: (b, qb(i))),
+            pl.BlockSpec((None, kv_len), lambda i, b, h: (b, 0)),
+        ]
     dq = pl.pallas_call(
         functools.partial(
             _dq_kernel,
+            segments=segments is not None,
             scale=scale,
             causal=causal,
             offset=offset,
@@ -384,6 +528,7 @@ def backward(
             q_spec,
             row_spec,
             row_spec,
+            *seg_specs,
         ],
         out_specs=q_spec,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -391,15 +536,24 @@ def backward(
         interpret=interpret,
         debug=debug,
         name="flash_attention_dq",
-    )(lengths, q, k, v, do, lse, delta)
+    )(lengths, q, k, v, do, lse, delta, *seg_inputs)
 
     block_q, block_k = config.block_q_dkv, config.block_k_dkv
     q_spec = pl.BlockSpec((None, q_len, group, head_dim), lambda i, b, h: (b, 0, h, 0))
     kv_spec = pl.BlockSpec((None, block_k, None, head_dim), lambda i, b, h: (b, i, h, 0))
     row_spec = pl.BlockSpec((None, group, q_len), lambda i, b, h: (b, h, 0))
+    seg_inputs = _segment_inputs(segments, block_q=block_q, block_k=block_k, by_keys=True)
+    seg_specs = []
+    if seg_inputs:
+        seg_specs = [
+            pl.BlockSpec((None, None, 4), lambda i, b, h: (b, i, 0)),
+            pl.BlockSpec((None, q_len), lambda i, b, h: (b, 0)),
+            pl.BlockSpec((None, block_k), lambda i, b, h: (b, i)),
+        ]
     dk, dv = pl.pallas_call(
         functools.partial(
             _dkv_kernel,
+            segments=segments is not None,
             scale=scale,
             causal=causal,
             offset=offset,
@@ -416,6 +570,7 @@ def backward(
             q_spec,
             row_spec,
             row_spec,
+            *seg_specs,
         ],
         out_specs=[kv_spec, kv_spec],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
@@ -423,5 +578,5 @@ def backward(
         interpret=interpret,
         debug=debug,
         name="flash_attention_dkv",
-    )(lengths, q, k, v, do, lse, delta)
+    )(lengths, q, k, v, do, lse, delta, *seg_inputs)
     return dq, dk, dv

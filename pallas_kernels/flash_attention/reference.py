@@ -14,6 +14,7 @@ def attention_reference(
     causal: bool = True,
     lengths: jax.Array | None = None,
     scale: float | None = None,
+    segment_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Softmax attention in fp32, returning the output and the log-sum-exp residual.
 
@@ -26,6 +27,8 @@ def attention_reference(
       lengths: optional [B] int, number of valid keys per sequence; keys `j >= lengths[b]`
         are masked (padding).
       scale: logit scale, `1/sqrt(D)` by default.
+      segment_ids: optional [B, T] int (self-attention, T == S): packed sequences; query `i`
+        sees key `j` only when `segment_ids[b, i] == segment_ids[b, j]`.
 
     Returns:
       out: [B, T, H, D] in `q.dtype`. Rows that see no key at all are 0. A NaN or inf in q, k
@@ -56,6 +59,8 @@ def attention_reference(
     if causal:
         rows = jnp.arange(q_len) + (kv_len - q_len)
         valid &= (cols[None, :] <= rows[:, None])[None, None, None]
+    if segment_ids is not None:
+        valid &= (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None, None]
     logits = jnp.where(valid, logits, -jnp.inf)
     lse = jax.nn.logsumexp(logits, axis=-1)  # [B, K, G, T]
     finite = jnp.isfinite(lse)
@@ -73,6 +78,9 @@ def flash_attention_reference(
     causal: bool = True,
     lengths: jax.Array | None = None,
     scale: float | None = None,
+    segment_ids: jax.Array | None = None,
 ) -> jax.Array:
     """`attention_reference` without the residual: the same contract as `flash_attention`."""
-    return attention_reference(q, k, v, causal=causal, lengths=lengths, scale=scale)[0]
+    return attention_reference(
+        q, k, v, causal=causal, lengths=lengths, scale=scale, segment_ids=segment_ids
+    )[0]

@@ -1,4 +1,5 @@
-"""Flash attention (Pallas) against the fp32 reference: forward, lse and all three gradients."""
+"""Flash attention (Pallas) against the fp32 reference: forward, lse and all three gradients;
+packed rows (segment_ids) against each segment alone and the model's reference."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cope import functional as F
 from pallas_kernels.flash_attention import (
     attention_reference,
     flash_attention,
     flash_attention_with_lse,
 )
+from pallas_kernels.flash_attention.pallas_triton import segment_tiles, tile_ranges
 from pallas_kernels.flash_attention.shapes import GPU_TEST, TEST_LENGTHS, AttentionShape
 
 # Relative-norm tolerances ‖x − ref‖/‖ref‖ by input dtype: (forward, gradients). The reference
@@ -29,6 +32,13 @@ def _rel(x, ref) -> float:
     ref = np.asarray(ref, np.float64)
     assert not np.isnan(x).any(), "NaN in kernel output"
     return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def _err(x, ref) -> float:
+    """`_rel`, or the RMS of x where ref is exactly zero (e.g. dq with a single visible key)."""
+    if np.linalg.norm(np.asarray(ref, np.float64)) > 0:
+        return _rel(x, ref)
+    return float(np.sqrt(np.mean(np.asarray(x, np.float64) ** 2)))
 
 
 def _inputs(shape: AttentionShape, dtype, seed: int):
@@ -62,10 +72,7 @@ def _check(shape: AttentionShape, *, causal: bool, dtype, lengths=None, **tuning
     assert _rel(out, ref_out) < tol_fwd, f"out {_rel(out, ref_out):.2e} {msg}"
     for name, g, rg, x in zip("qkv", grads, ref_grads, (q, k, v)):
         assert g.shape == x.shape and g.dtype == x.dtype
-        if np.linalg.norm(np.asarray(rg, np.float64)) > 0:
-            err = _rel(g, rg)
-        else:  # e.g. dq with a single visible key: compare the RMS instead
-            err = float(np.sqrt(np.mean(np.asarray(g, np.float64) ** 2)))
+        err = _err(g, rg)
         assert err < tol_bwd, f"d{name} {err:.2e} {msg}"
 
 
@@ -158,6 +165,171 @@ def test_input_validation():
         flash_attention(q, q, q, lengths=jnp.zeros((2,), jnp.int32))
     with pytest.raises(ValueError, match="unknown tuning"):
         flash_attention(q, q, q, block_z=64)
+    with pytest.raises(ValueError, match="segment_ids must be"):
+        flash_attention(q, q, q, segment_ids=jnp.zeros((1, 7), jnp.int32))
+    with pytest.raises(ValueError, match="segment_ids must be"):
+        kv = jnp.zeros((1, 9, 4, 64))
+        flash_attention(q, kv, kv, segment_ids=[[0] * 8])
+    with pytest.raises(ValueError, match="integer"):
+        flash_attention(q, q, q, segment_ids=jnp.zeros((1, 8)))
+    with pytest.raises(ValueError, match="mosaic"):
+        flash_attention(q, q, q, segment_ids=jnp.zeros((1, 8), jnp.int32), backend="mosaic")
+
+
+# Packed rows: one row holding segments of odd lengths, one of length 1 and one longer than
+# a 16-row block, so that tiles are skipped, fully inside one segment or split by a boundary.
+PACKED = (5, 23, 1, 40)
+BLOCKS_16 = {f"block_{n}": 16 for n in ("q", "k", "q_dq", "k_dq", "q_dkv", "k_dkv")}
+
+
+def _segment_ids(seg_lengths) -> np.ndarray:
+    """[1, sum(seg_lengths)] int32: ids 0, 1, ... in runs of the given lengths."""
+    return np.repeat(np.arange(len(seg_lengths)), seg_lengths)[None].astype(np.int32)
+
+
+def _out_and_grads(fn, q, k, v, do):
+    """(out, dq, dk, dv) of jit(fn) at (q, k, v) for the cotangent do."""
+    out, vjp = jax.vjp(jax.jit(fn), q, k, v)
+    return (out, *jax.jit(vjp)(do))
+
+
+def _unpack(x, seg_lengths) -> jax.Array:
+    """[1, T, ...] packed row -> [len(seg_lengths), max length, ...]: one segment per row,
+    zero-padded at the end."""
+    starts = np.cumsum((0, *seg_lengths))
+    width = max(seg_lengths)
+    return jnp.stack(
+        [
+            jnp.pad(x[0, a:b], [(0, width - (b - a))] + [(0, 0)] * (x.ndim - 2))
+            for a, b in zip(starts[:-1], starts[1:])
+        ]
+    )
+
+
+def _pack(x, seg_lengths) -> jax.Array:
+    """The inverse of `_unpack`."""
+    return jnp.concatenate([x[i, :n] for i, n in enumerate(seg_lengths)])[None]
+
+
+@pytest.mark.parametrize(
+    "dtype, kv_heads, causal", [(jnp.float32, 2, True), (jnp.bfloat16, 1, False)]
+)
+def test_packed_row_equals_each_segment_alone_and_the_reference(dtype, kv_heads, causal):
+    """Each segment alone is one row of a batch (its padding masked by `lengths`), in one
+    kernel call; the reference is the model's, `cope.functional.attention`, in fp32."""
+    seed = int(np.random.default_rng().integers(2**31))
+    q, k, v, do = _inputs(AttentionShape(1, sum(PACKED), 4, 32, kv_heads=kv_heads), dtype, seed)
+    seg = _segment_ids(PACKED)
+    packed = _out_and_grads(
+        lambda q, k, v: flash_attention(q, k, v, causal=causal, segment_ids=seg, **BLOCKS_16),
+        q,
+        k,
+        v,
+        do,
+    )
+    lengths = jnp.asarray(PACKED, jnp.int32)
+    alone = _out_and_grads(
+        lambda q, k, v: flash_attention(q, k, v, causal=causal, lengths=lengths, **BLOCKS_16),
+        *(_unpack(x, PACKED) for x in (q, k, v, do)),
+    )
+    # Compared over the whole row: the length-1 segment's dq is zero up to rounding.
+    alone = [_pack(x, PACKED) for x in alone]
+    f32 = [x.astype(jnp.float32) for x in (q, k, v, do)]
+    ref = _out_and_grads(
+        lambda q, k, v: F.attention(q, k, v, causal=causal, segment_ids=seg, impl="xla"), *f32
+    )
+    tol_fwd, tol_bwd = TOL[dtype]
+    for name, x, y, r, tol in zip(
+        ("out", "dq", "dk", "dv"), packed, alone, ref, (tol_fwd, tol_bwd, tol_bwd, tol_bwd)
+    ):
+        assert _rel(x, y) < tol, f"{name} vs alone {_rel(x, y):.2e} seed={seed}"
+        assert _rel(x, r) < tol, f"{name} vs reference {_rel(x, r):.2e} seed={seed}"
+
+
+def test_packed_rows_with_padding_and_unsorted_ids_match_the_reference():
+    """Row 0 ends in padding (lengths); row 1's ids neither increase nor form one run per id
+    (id 3 twice): tile pruning is loose there, the mask must still be exact."""
+    causal = True
+    seg = np.concatenate(
+        [_segment_ids(PACKED), np.repeat([3, 1, 3, 0], [10, 20, 9, 30])[None]]
+    ).astype(np.int32)
+    lengths = jnp.asarray([60, 69], jnp.int32)
+    seed = int(np.random.default_rng().integers(2**31))
+    q, k, v, do = _inputs(AttentionShape(2, sum(PACKED), 4, 32, kv_heads=2), jnp.float32, seed)
+
+    def ours(q, k, v):
+        return flash_attention(
+            q, k, v, causal=causal, lengths=lengths, segment_ids=seg, **BLOCKS_16
+        )
+
+    def ref(q, k, v):
+        return F.attention(q, k, v, causal=causal, lengths=lengths, segment_ids=seg, impl="xla")
+
+    got, want = _out_and_grads(ours, q, k, v, do), _out_and_grads(ref, q, k, v, do)
+    tol_fwd, tol_bwd = TOL[jnp.float32]
+    for name, x, r, tol in zip(
+        ("out", "dq", "dk", "dv"), got, want, (tol_fwd, tol_bwd, tol_bwd, tol_bwd)
+    ):
+        assert _rel(x, r) < tol, f"{name} {_rel(x, r):.2e} seed={seed}"
+    # The seam hands segment_ids to this kernel (default blocks).
+    seam = F.attention(q, k, v, causal=causal, lengths=lengths, segment_ids=seg, impl="flash")
+    assert _rel(seam, want[0]) < tol_fwd
+
+
+def test_a_nan_in_one_segment_never_reaches_another():
+    """NaN in a key and a value of segment 1 and in the padding: the other segments' outputs
+    and gradients equal those of clean inputs (segment 1's rows left out of the loss)."""
+    seg = _segment_ids(PACKED)
+    seed = int(np.random.default_rng().integers(2**31))
+    q, k, v, do = _inputs(AttentionShape(1, sum(PACKED), 4, 32, kv_heads=2), jnp.float32, seed)
+    lengths = jnp.asarray([60], jnp.int32)
+    one = np.asarray(seg[0] == 1)  # [T]
+    do = jnp.where(one[None, :, None, None], 0.0, do)
+    bad_k = k.at[0, 10].set(jnp.nan).at[0, 60:].set(jnp.nan)
+    bad_v = v.at[0, 12, 0, 3].set(jnp.nan).at[0, 60:].set(jnp.inf)
+
+    def fn(q, k, v):
+        return flash_attention(q, k, v, causal=True, lengths=lengths, segment_ids=seg, **BLOCKS_16)
+
+    clean = _out_and_grads(fn, q, k, v, do)
+    bad = _out_and_grads(fn, q, bad_k, bad_v, do)
+    assert np.isnan(np.asarray(bad[0])[0, 12:28]).all()  # segment 1's rows that see them
+    for name, x, ref in zip(("out", "dq", "dk", "dv"), bad, clean):
+        x, ref = np.asarray(x)[0, ~one], np.asarray(ref)[0, ~one]
+        if name in ("dk", "dv"):
+            x, ref = x[: 60 - 23], ref[: 60 - 23]  # keys before the padding
+        assert np.isfinite(x).all(), f"{name} seed={seed}"
+        np.testing.assert_allclose(x, ref, rtol=1e-5, atol=1e-6, err_msg=f"{name} seed={seed}")
+
+
+def test_segment_tiles_against_every_pair():
+    """Per-block min/max pruning: a tile holding a pair of one segment is never skipped; with
+    sorted runs the kept tiles are exactly those, in one band per block; `single` tiles hold
+    one id; `tile_ranges` brackets them."""
+    rng = np.random.default_rng()
+    sorted_runs = np.repeat(np.arange(12), rng.integers(1, 20, 12))[:96]
+    sorted_runs = np.pad(sorted_runs, (0, 96 - len(sorted_runs)), mode="edge")
+    seg = np.stack([sorted_runs, rng.integers(0, 4, 96), np.full(96, 7)]).astype(np.int32)
+    for block_q, block_k in ((8, 16), (16, 8)):
+        tiles = segment_tiles(jnp.asarray(seg), jnp.asarray(seg), block_q=block_q, block_k=block_k)
+        shared, single = (np.asarray(x) for x in tiles)
+        qs = seg.reshape(3, -1, block_q)[:, :, None, :, None]
+        ks = seg.reshape(3, -1, block_k)[:, None, :, None, :]
+        pairs = (qs == ks).any((-1, -2))  # [B, nq, nk]: some pair of one segment
+        every = (qs == ks).all((-1, -2))
+        assert not (pairs & ~shared).any()
+        np.testing.assert_array_equal(shared[0], pairs[0])
+        np.testing.assert_array_equal(single, every)
+        for flags, one in ((shared, single), (shared.swapaxes(1, 2), single.swapaxes(1, 2))):
+            lo, single_lo, single_hi, hi = np.moveaxis(np.asarray(tile_ranges(flags, one)), -1, 0)
+            assert (lo <= single_lo).all() and (single_lo <= single_hi).all()
+            assert (single_hi <= hi).all()
+            index = np.arange(flags.shape[-1])
+            inside = (index >= lo[..., None]) & (index < hi[..., None])
+            assert not (flags & ~inside).any()
+            assert (flags[0] == inside[0]).all()  # sorted runs: one band
+            run = (index >= single_lo[..., None]) & (index < single_hi[..., None])
+            assert not (run & ~one).any() and (run.any(-1) == one.any(-1)).all()
 
 
 # Compiled on the GPU with the tuned (large) blocks of the device table. Each case compiles

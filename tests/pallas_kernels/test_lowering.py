@@ -89,52 +89,70 @@ def test_target_device_is_the_abstract_device():
     assert _device.device_kind() == real
 
 
-# q [B, T, H, D], k/v [B, S, K, D], lengths or None: one Mosaic-eligible shape (no lengths, T
-# and S multiples of the Mosaic blocks) and one that pads (odd T < S, GQA 4 -> 1, ragged).
+# q [B, T, H, D], k/v [B, S, K, D], extra input (None, "lengths" or "segment_ids"): one
+# Mosaic-eligible shape (no lengths, T and S multiples of the Mosaic blocks), one that pads (odd
+# T < S, GQA 4 -> 1, ragged) and packed rows (odd T, GQA, lengths and segment ids: the Triton
+# forward).
 FLASH_CASES = {
-    "B2 T256 H4 D64": ((2, 256, 4, 64), (2, 256, 4, 64), False),
-    "B2 T129 S300 H4 K1 D64 lengths": ((2, 129, 4, 64), (2, 300, 1, 64), True),
+    "B2 T256 H4 D64": ((2, 256, 4, 64), (2, 256, 4, 64), None),
+    "B2 T129 S300 H4 K1 D64 lengths": ((2, 129, 4, 64), (2, 300, 1, 64), "lengths"),
+    "B2 T300 H4 K2 D64 lengths segment_ids": ((2, 300, 4, 64), (2, 300, 2, 64), "segment_ids"),
 }
 
 
 def _flash_args(case: str):
-    q_shape, k_shape, ragged = FLASH_CASES[case]
+    q_shape, k_shape, extra = FLASH_CASES[case]
     args = [S(q_shape, BF16), S(k_shape, BF16), S(k_shape, BF16)]
-    if ragged:
+    if extra is not None:
         args.append(S((q_shape[0],), jnp.int32))
-    return args, ragged
+    if extra == "segment_ids":
+        args.append(S(q_shape[:2], jnp.int32))
+    return args, extra
 
 
-def _flash(ragged: bool, **kwargs):
-    if ragged:
+def _flash(extra: str | None, **kwargs):
+    if extra == "segment_ids":
+        return lambda q, k, v, n, seg: flash_attention(
+            q, k, v, lengths=n, segment_ids=seg, interpret=None, **kwargs
+        )
+    if extra == "lengths":
         return lambda q, k, v, n: flash_attention(q, k, v, lengths=n, interpret=None, **kwargs)
     return lambda q, k, v: flash_attention(q, k, v, interpret=None, **kwargs)
 
 
 @pytest.mark.parametrize("device_kind", DEVICES)
 def test_flash_forward_uses_mosaic_gpu_on_hopper(device_kind):
-    args, ragged = _flash_args("B2 T256 H4 D64")
-    calls = _lower(_flash(ragged), *args, device_kind=device_kind)
+    args, extra = _flash_args("B2 T256 H4 D64")
+    calls = _lower(_flash(extra), *args, device_kind=device_kind)
     assert _mosaic_calls(calls) == 1 and TRITON not in calls, calls
+
+
+@pytest.mark.parametrize("device_kind", DEVICES)
+def test_flash_forward_with_segment_ids_uses_triton_on_hopper(device_kind):
+    # A shape the Mosaic kernel covers: packed rows still go to the Triton forward.
+    q = S((2, 256, 4, 64), BF16)
+    fn = lambda q, k, v, seg: flash_attention(q, k, v, segment_ids=seg, interpret=None)  # noqa: E731
+    calls = _lower(fn, q, q, q, S((2, 256), jnp.int32), device_kind=device_kind)
+    assert calls.get(TRITON) == 1 and not _mosaic_calls(calls), calls
 
 
 @pytest.mark.parametrize("case", FLASH_CASES)
 @pytest.mark.parametrize("device_kind", DEVICES)
 def test_flash_forward_triton(device_kind, case):
-    args, ragged = _flash_args(case)
-    calls = _lower(_flash(ragged, backend="triton"), *args, device_kind=device_kind)
+    args, extra = _flash_args(case)
+    calls = _lower(_flash(extra, backend="triton"), *args, device_kind=device_kind)
     assert calls.get(TRITON) == 1 and not _mosaic_calls(calls), calls
 
 
 @pytest.mark.parametrize("case", FLASH_CASES)
 @pytest.mark.parametrize("device_kind", DEVICES)
 def test_flash_forward_backward(device_kind, case):
-    args, ragged = _flash_args(case)
-    calls = _lower(_grad(_flash(ragged), (0, 1, 2)), *args, device_kind=device_kind)
+    args, extra = _flash_args(case)
+    calls = _lower(_grad(_flash(extra), (0, 1, 2)), *args, device_kind=device_kind)
     # The backward is two Triton kernels (dq, then dk/dv); the forward is Mosaic where it covers
     # the shape, else a third Triton kernel.
     mosaic = _mosaic_calls(calls)
-    assert mosaic == (0 if ragged else 1), calls
+    assert mosaic == (0 if extra else 1), calls
     assert calls.get(TRITON) == 3 - mosaic, calls
 
 
