@@ -11,17 +11,14 @@ from __future__ import annotations
 import signal
 import sys
 
+# The imports below take seconds (jax). A SIGTERM meanwhile (a sweep's deadline) is recorded
+# here and honoured by main() before anything is written: exit 3, as during set-up. (Raising
+# from the handler instead can be swallowed by an import's own error handling.)
 if __name__ == "__main__":
-    # The imports below take seconds (jax); SIGTERM meanwhile (a sweep's deadline) gets the same
-    # exit code as during set-up, before anything is written.
-    def _stopped_while_starting(signum, frame):
-        print(
-            "stopped by SIGTERM before training (while starting); rerun the same command to resume",
-            file=sys.stderr,
-        )
-        raise SystemExit(3)
-
-    signal.signal(signal.SIGTERM, _stopped_while_starting)
+    sigterm_while_starting: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: sigterm_while_starting.append(signum))
+else:  # imported: train_and_evaluate's own handler covers the run
+    sigterm_while_starting = []
 
 import argparse
 import re
@@ -37,6 +34,9 @@ from experiments.loop import TrainingDiverged, TrainingStopped, train_and_evalua
 from experiments.rundir import saved_steps
 
 OUT_OF_MEMORY_EXIT = 4
+STOPPED_WHILE_STARTING = (
+    "stopped by SIGTERM before training (while starting); rerun the same command to resume"
+)
 
 
 def out_of_memory_message(error: Exception, workdir: str | Path) -> str | None:
@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     try:
+        if sigterm_while_starting:
+            raise TrainingStopped(STOPPED_WHILE_STARTING)
         overrides, rest = split_overrides(argv)
         parser = argparse.ArgumentParser(
             description=__doc__,
@@ -86,6 +88,8 @@ def _main(argv: list[str]) -> int:
         for override in overrides:
             apply_override(config, override)
         sharding.maybe_initialize_distributed()
+        if sigterm_while_starting:  # train_and_evaluate handles SIGTERM from here on
+            raise TrainingStopped(STOPPED_WHILE_STARTING)
         results = train_and_evaluate(config, args.workdir, progress=not args.no_progress)
     except (ValueError, TrainingDiverged) as error:
         print(f"error: {error}", file=sys.stderr)
