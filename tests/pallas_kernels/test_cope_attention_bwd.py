@@ -26,6 +26,7 @@ from pallas_kernels.cope_attention.pallas_triton_bwd import (
 # so δ = rowsum(dO·O) carries its rounding too.
 TOL = {jnp.float32: 1e-4, jnp.bfloat16: 3e-2}
 GRAD_NAMES = ("q", "k", "v", "pos_emb", "gate_k")
+MIN_GAP = 2e-5  # positions closer than this to an integer sit on a jump of the gradient
 TILES_16 = BackwardConfig(16, 16, 4, 1, 4, 1)  # several tiles per row at small sizes
 ATOMICS_16 = dataclasses.replace(TILES_16, band_atomics=True)
 
@@ -115,7 +116,9 @@ def _inputs(case: Case, seed: int):
 
 
 def _float64_reference(case: Case, q, k, v, e, gk, do, lengths):
-    """(out, lse, gate_total) from the definitions and the float64 gradients of the reference."""
+    """(out, lse, gate_total) from the definitions and the float64 gradients of the reference;
+    None when an unclamped position (suffix sum <= npos - 1) lies within MIN_GAP of an
+    integer."""
     scale = case.head_dim**-0.5
     with jax.enable_x64(True):
         f64 = lambda x: None if x is None else jnp.asarray(np.asarray(x, np.float64))  # noqa: E731
@@ -142,9 +145,16 @@ def _float64_reference(case: Case, q, k, v, e, gk, do, lengths):
             z_pos = z_lo + (pos - lower) * (z_hi - z_lo)
             logits = content * scale + z_pos if case.nodiv else (content + z_pos) * scale
             lse = jax.nn.logsumexp(jnp.where(mask, logits, -jnp.inf), axis=-1)
-            return jnp.where(jnp.isfinite(lse), lse, jnp.inf), gates.sum(-1)  # inf: no key
+            # Distance of the unclamped suffix sums to the integers 1..npos-1 (inf: none).
+            nearest = jnp.round(suffix)
+            near = mask & (nearest >= 1) & (nearest <= case.npos - 1)
+            gap = jnp.min(jnp.where(near, jnp.abs(suffix - nearest), jnp.inf))
+            lse = jnp.where(jnp.isfinite(lse), lse, jnp.inf)  # inf: a row with no visible key
+            return lse, gates.sum(-1), gap
 
-        lse, gate_total = jax.jit(residuals)(q, k, e, gk)
+        lse, gate_total, gap = jax.jit(residuals)(q, k, e, gk)
+        if gap < MIN_GAP:
+            return None
 
         def attend(q, k, v, e, *gate_k):
             return F.cope_attention(
@@ -178,10 +188,20 @@ def _error(x, ref) -> float:
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_gradients_match_float64_reference(case: Case):
-    seed = int(np.random.default_rng().integers(2**31))  # fresh inputs every run
-    q, k, v, e, gk, do = _inputs(case, seed)
+    # Fresh inputs every run. The exact gradient jumps where a position crosses an integer
+    # (the interpolation slope changes, and the clamp at npos - 1 cuts it to 0); float32
+    # positions are off by a few ulps of the row's gate total, so inputs that put a position
+    # within MIN_GAP of an integer are drawn again rather than compared across the jump.
+    for _ in range(20):
+        seed = int(np.random.default_rng().integers(2**31))
+        q, k, v, e, gk, do = _inputs(case, seed)
+        reference = _float64_reference(case, q, k, v, e, gk, do, case.lengths)
+        if reference is not None:
+            break
+    else:
+        pytest.fail(f"no inputs with every position {MIN_GAP} away from an integer ({case})")
+    out, lse, gate_total, ref_grads = reference
     lengths = None if case.lengths is None else jnp.asarray(case.lengths, jnp.int32)
-    out, lse, gate_total, ref_grads = _float64_reference(case, q, k, v, e, gk, do, case.lengths)
     backward = jax.jit(
         lambda *args: backward_with_saturation(
             *args,
