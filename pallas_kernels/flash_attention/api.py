@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import _device
 from pallas_kernels._interpret import resolve_interpret
+from pallas_kernels._segments import pad_segments
 from pallas_kernels.flash_attention import pallas_triton
 from pallas_kernels.flash_attention.config import (
     MosaicConfig,
@@ -108,15 +109,10 @@ class _Problem:
 
 
 def _pad_segments(segment_ids, prob: _Problem):
-    """[B, T] segment ids -> None or (q_seg [B, T_pad], kv_seg [B, S_pad]) int32. Padding
-    repeats the last id, which keeps each block's id range (padded keys are masked by length,
-    padded query rows sliced off)."""
+    """None, or the padded (q_seg [B, T_pad], kv_seg [B, S_pad]) int32 of `segment_ids`."""
     if segment_ids is None:
         return None
-    seg = segment_ids.astype(jnp.int32)
-    return tuple(
-        jnp.pad(seg, ((0, 0), (0, n - prob.q_len)), mode="edge") for n in (prob.q_pad, prob.kv_pad)
-    )
+    return pad_segments(segment_ids, prob.q_pad, prob.kv_pad)
 
 
 def _forward(q, k, v, lengths, segment_ids, prob: _Problem):

@@ -6,7 +6,7 @@ arrive padded to whole blocks (see `api.py`); padded keys are masked through `le
 padded query rows are computed and sliced off by the caller.
 Each KV (or Q) loop is split: blocks that need no mask run a lean body, only the few blocks
 crossing the diagonal, the length boundary or a segment boundary pay for the mask, and tiles
-whose query and key blocks share no segment are skipped (`segment_tiles`).
+whose query and key blocks share no segment are skipped (`pallas_kernels._segments`).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels._segments import fori_ranges, tile_ranges
 from pallas_kernels.flash_attention.config import TritonConfig
 
 LOG2E = math.log2(math.e)
@@ -84,44 +85,6 @@ def _mask(rows, cols, length, *, causal: bool, offset: int, q_seg=None, kv_seg=N
     return valid
 
 
-def segment_tiles(q_seg: jax.Array, kv_seg: jax.Array, *, block_q: int, block_k: int):
-    """Which tiles of packed rows hold pairs of one segment, from each block's min and max id.
-
-    q_seg [B, T_pad] and kv_seg [B, S_pad] int32 -> (shared, single), both
-    [B, T_pad / block_q, S_pad / block_k] bool. `shared` is False only where the id ranges
-    [min, max] of the query block and the key block are disjoint: such a tile has no pair of
-    one segment and is skipped, whatever the ids. `single` marks tiles whose query and key
-    blocks hold one and the same id, so the segments mask none of their pairs. With contiguous
-    runs of non-decreasing ids (what packing makes) `shared` is exactly "some pair is of one
-    segment"; other layouts only skip fewer tiles, since the in-tile mask is always exact.
-    """
-    batch = q_seg.shape[0]
-    q_blocks = q_seg.reshape(batch, -1, block_q)
-    kv_blocks = kv_seg.reshape(batch, -1, block_k)
-    q_min, q_max = q_blocks.min(-1)[:, :, None], q_blocks.max(-1)[:, :, None]  # [B, nq, 1]
-    kv_min, kv_max = kv_blocks.min(-1)[:, None], kv_blocks.max(-1)[:, None]  # [B, 1, nk]
-    shared = (kv_max >= q_min) & (kv_min <= q_max)
-    single = (q_min == q_max) & (kv_min == kv_max) & (q_min == kv_min)
-    return shared, single
-
-
-def tile_ranges(shared: jax.Array, single: jax.Array) -> jax.Array:
-    """[..., n] bool tile flags of one block against the n blocks of the other axis ->
-    [..., 4] int32 (lo, single_lo, single_hi, hi): tiles outside [lo, hi) share no segment,
-    tiles in [single_lo, single_hi) are `single` (the first run of them); lo <= single_lo <=
-    single_hi <= hi, and all four are 0 when no tile is shared."""
-    n = shared.shape[-1]
-    index = jnp.arange(n)
-    any_shared = shared.any(-1)
-    lo = jnp.where(any_shared, jnp.argmax(shared, -1), 0)
-    hi = jnp.where(any_shared, n - jnp.argmax(shared[..., ::-1], -1), 0)
-    single_lo = jnp.where(single.any(-1), jnp.argmax(single, -1), hi)
-    # Tiles before single_lo count as 1, so the cumulative product ends at the run's end.
-    run = jnp.cumprod(single | (index < single_lo[..., None]), axis=-1)
-    single_hi = jnp.maximum(jnp.sum(run, -1), single_lo)
-    return jnp.stack([lo, single_lo, single_hi, hi], axis=-1).astype(jnp.int32)
-
-
 def _kv_loops(q_block, length, tiles_ref, *, block_q, block_k, causal, offset):
     """The KV blocks a query block visits, as (unmasked, masked) tuples of [start, stop)
     ranges: together they cover every tile holding an allowed pair; the unmasked ones only
@@ -137,21 +100,6 @@ def _kv_loops(q_block, length, tiles_ref, *, block_q, block_k, causal, offset):
     a = jnp.clip(single_lo, lo, hi)
     b = jnp.clip(jnp.minimum(single_hi, full), a, hi)
     return ((a, b),), ((lo, a), (b, hi))
-
-
-def _loop(ranges, body, carry):
-    """`body(block, carry)` over the blocks of one or two [start, stop) ranges, in order. Two
-    ranges share one loop, so the (masked) body is traced and compiled once."""
-    if len(ranges) == 1:
-        ((start, stop),) = ranges
-        return lax.fori_loop(start, stop, body, carry)
-    (start0, stop0), (start1, stop1) = ranges
-    n0 = stop0 - start0
-
-    def step(n, carry):
-        return body(jnp.where(n < n0, start0 + n, start1 - n0 + n), carry)
-
-    return lax.fori_loop(0, n0 + stop1 - start1, step, carry)
 
 
 def _kv_segments(q_seg_ref, kv_seg_ref, block_k: int):
@@ -171,10 +119,11 @@ def _segment_inputs(segments, *, block_q: int, block_k: int, by_keys: bool):
     if segments is None:
         return []
     q_seg, kv_seg = segments
-    shared, single = segment_tiles(q_seg, kv_seg, block_q=block_q, block_k=block_k)
-    if by_keys:
-        shared, single = jnp.swapaxes(shared, 1, 2), jnp.swapaxes(single, 1, 2)
-    return [tile_ranges(shared, single), q_seg, kv_seg]
+    return [
+        tile_ranges(q_seg, kv_seg, block_q=block_q, block_k=block_k, by_keys=by_keys),
+        q_seg,
+        kv_seg,
+    ]
 
 
 def _forward_kernel(
@@ -238,8 +187,8 @@ def _forward_kernel(
         jnp.zeros((block_q,), jnp.float32),
     )
     unmasked, masked = loops
-    carry = _loop(unmasked, functools.partial(body, masked=False), carry)
-    acc, m, l = _loop(masked, functools.partial(body, masked=True), carry)
+    carry = fori_ranges(unmasked, functools.partial(body, masked=False), carry)
+    acc, m, l = fori_ranges(masked, functools.partial(body, masked=True), carry)
     empty = l == 0.0  # no allowed key (a NaN l is a NaN row, not an empty one)
     l_safe = jnp.where(empty, 1.0, l)
     out = acc / l_safe[:, None]
@@ -371,8 +320,8 @@ def _dq_kernel(
     )
     dq = jnp.zeros(q.shape, jnp.float32)
     unmasked, masked = loops
-    dq = _loop(unmasked, functools.partial(body, masked=False), dq)
-    dq = _loop(masked, functools.partial(body, masked=True), dq)
+    dq = fori_ranges(unmasked, functools.partial(body, masked=False), dq)
+    dq = fori_ranges(masked, functools.partial(body, masked=True), dq)
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
@@ -457,8 +406,8 @@ def _dkv_kernel(
         return dk, dv
 
     def head(g, carry):
-        carry = _loop(masked, functools.partial(body, g=g, masked=True), carry)
-        return _loop(unmasked, functools.partial(body, g=g, masked=False), carry)
+        carry = fori_ranges(masked, functools.partial(body, g=g, masked=True), carry)
+        return fori_ranges(unmasked, functools.partial(body, g=g, masked=False), carry)
 
     zeros = jnp.zeros(k.shape, jnp.float32)
     dk, dv = lax.fori_loop(0, group, head, (zeros, zeros))
