@@ -97,7 +97,7 @@ def _mask(rows, cols, length, *, causal: bool, offset: int):
     return valid
 
 
-def _query_kernel(
+def _band_kernel(
     *refs,
     scale: float,
     causal: bool,
@@ -115,10 +115,10 @@ def _query_kernel(
     # Inputs: length_ref [] int32; q_ref, do_ref: [block_q, D]; k_ref, v_ref, gk_ref (only with
     # separate gate keys): [S_pad, D]; lse_ref, delta_ref, gate_total_ref: [block_q] fp32;
     # z_ref: [block_q, N] fp32; then the zero-initialised outputs they alias (not read here).
-    # Outputs: dq_ref [block_q, D] fp32; dz_ref [block_q, N + 1 + block_k] fp32 (columns
-    # N + 1 + j take masked-off lanes); n_sat_ref [] int32;
-    # lock_ref [S_pad / block_k] fp32 (a spin lock, 0 or 1, per key tile of this kv head); dk_ref,
-    # dv_ref, dgk_ref (separate gate keys): [S_pad, D] fp32 band-tile accumulators.
+    # Outputs: dq_ref [block_q, D] fp32; dz_ref [block_q, W] fp32 (W = N + 1, plus block_k
+    # spare columns N + 1 + j for masked-off lanes in interpret mode); n_sat_ref [] int32;
+    # lock_ref [S_pad / block_k] fp32 (a spin lock, 0 or 1, per key tile of this kv head);
+    # dk_ref, dv_ref, dgk_ref (separate gate keys): [S_pad, D] fp32 band-tile accumulators.
     refs = list(refs)
     length_ref, q_ref, k_ref, v_ref = refs[:4]
     gk_ref = refs.pop(4) if separate_gate_k else None
@@ -168,9 +168,8 @@ def _query_kernel(
     def locked_add(kv_block, updates):
         """acc[key tile] += tile for (acc, tile) in `updates`, under the tile's spin lock.
 
-        Per-element atomics are avoided: each is an acq_rel atomic with a GPU-wide fence and an
-        L1 flush. One lock per (kv head, key tile) serialises the query blocks and the heads of
-        a GQA group that write the same tile.
+        One lock per (kv head, key tile) serialises the query blocks and the heads of a GQA
+        group that write the same tile (per-element atomics only with `band_atomics`).
         """
         keys = pl.ds(kv_block * block_k, block_k)
         if band_atomics:
@@ -560,7 +559,7 @@ def backward_with_saturation(
     first_zero = len(inputs) - num_acc - 2  # dz, locks, accumulators alias outputs 1, 3, 4...
     dq_band, dz, n_sat, _, dk_acc, dv_acc, *dgk_acc = pl.pallas_call(
         functools.partial(
-            _query_kernel,
+            _band_kernel,
             scale=scale,
             causal=bool(causal),
             nodiv=bool(nodiv),
