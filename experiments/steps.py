@@ -117,7 +117,8 @@ def make_train_step(ts: TrainState, seed: int, *, check_finite: bool = False):
         model.train()
 
         def loss_fn(model):
-            logits = model(batch["inputs"])
+            # Packed batches carry segment_ids: each example attends and counts within itself.
+            logits = model(batch["inputs"], segment_ids=batch.get("segment_ids"))
             total, count = masked_cross_entropy(logits, batch["targets"], batch["loss_mask"])
             return total / jnp.maximum(count, 1.0)
 
