@@ -3,8 +3,9 @@
 A config string is `<file>.py:<variant>[,<option>...]`, e.g. `configs/counting.py:cope,nvars=3`.
 Variants: abs, sin, rope, rel, cope, nope, cope_rope, cope_rel. Options common to every task:
 `smoke` (tiny, about a minute on CPU), `cpu` (small, a few minutes on 2 CPU cores),
-`seed=<int>`, `steps=<int>`, `fsdp`, `pallas` (flash-attention kernel for attention). A task file
-adds its own options (e.g. counting's `nvars`).
+`seed=<int>`, `steps=<int>`, `fsdp`, `pallas` (flash-attention kernel for attention), `pack`
+(training rows packed with several examples each, `task.options.pack`). A task file adds its own
+options (e.g. counting's `nvars`).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def parse_arg(arg: str | None, task_options: dict) -> tuple[str, dict]:
         "pallas": bool,
         "seed": int,
         "steps": int,
+        "pack": bool,
     } | task_options
     for part in parts[1:]:
         name, _, value = part.partition("=")
@@ -68,7 +70,9 @@ def base_config(task: str, variant: str) -> ml_collections.ConfigDict:
     """The paper's synthetic-task setup (the official counting run.sh), before task overrides."""
     c = ml_collections.ConfigDict()
     c.layout = LAYOUT
-    c.task = ml_collections.ConfigDict(dict(name=task, options=ml_collections.ConfigDict()))
+    c.task = ml_collections.ConfigDict(
+        dict(name=task, options=ml_collections.ConfigDict(dict(pack=False)))
+    )
     c.variant = variant
     # Every ModelConfig field but the two the task sets (vocab_size, max_len), at ModelConfig's
     # defaults (None included) unless the paper's setup differs.
@@ -130,3 +134,5 @@ def apply_common_options(c: ml_collections.ConfigDict, options: dict) -> None:
         c.train.fsdp = True
     if options.get("pallas"):
         c.model.attention_impl = "pallas"
+    if options.get("pack"):
+        c.task.options.pack = True

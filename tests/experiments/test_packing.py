@@ -223,3 +223,16 @@ def test_evaluation_and_samples_never_pack(name, seed):
         assert all(np.array_equal(a[k], b[k]) for k in a)
     a, b = packed.sample(split, 4, seed), unpacked.sample(split, 4, seed)
     assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("name", ["counting", "flipflop", "selective_copy"])
+def test_the_pack_option_reaches_the_task(name):
+    from experiments import steps
+    from experiments.configlib import apply_override, load_config
+
+    packed = load_config(f"configs/{name}.py:cope,smoke,pack")
+    assert packed.task.options.pack is True and steps.build_task(packed).pack
+    plain = load_config(f"configs/{name}.py:cope,smoke")
+    assert plain.task.options.pack is False and not steps.build_task(plain).pack
+    apply_override(plain, "task.options.pack=true")
+    assert steps.build_task(plain).pack

@@ -454,7 +454,9 @@ def test_flipflop_config_reaches_the_hub_source(monkeypatch):
     from experiments.tasks import flipflop
 
     built = []
-    monkeypatch.setattr(flipflop, "FlipFlopHub", lambda: built.append("hub") or "hub task")
+    monkeypatch.setattr(
+        flipflop, "FlipFlopHub", lambda **options: built.append("hub") or "hub task"
+    )
     config = load_config("configs/flipflop.py:cope,source=hub")
     assert config.task.options.source == "hub" and steps.build_task(config) == "hub task"
     assert built == ["hub"]
