@@ -9,8 +9,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 import decoding
 from cope.model import ModelConfig, Transformer, attention_intermediates
@@ -157,8 +159,14 @@ class Run(RunRecord):
         ):
             tokens, lengths = self.tokens(tokens)
         lengths = None if lengths is None else jnp.asarray(lengths)
-        _, layers = attention_intermediates(self.model, jnp.asarray(tokens), lengths=lengths)
+        graphdef, state = nnx.split(self.model)
+        layers = _attention_jit(graphdef, state, jnp.asarray(tokens), lengths)
         return [{k: np.asarray(v) for k, v in layer.items()} for layer in layers]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _attention_jit(graphdef, state, tokens, lengths):
+    return attention_intermediates(nnx.merge(graphdef, state), tokens, lengths=lengths)[1]
 
 
 def load_run(

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from experiments import rundir, sharding
 from experiments.checkpointing import Checkpoints, abstract_like

@@ -129,7 +129,7 @@ def attention_maps(
         for c, head in enumerate(heads):
             ax = axes[r][c]
             image = ax.imshow(values[head], cmap="viridis", interpolation="nearest")
-            fig.colorbar(image, ax=ax, shrink=0.8)
+            fig.colorbar(image, ax=ax, shrink=0.8).ax.tick_params(labelsize=7)
             ax.set_title(f"layer {index} head {head}: {key}", fontsize=9)
             if labels is not None and max(t, s) <= 64:
                 ax.set_xticks(range(s), list(labels)[:s], fontsize=6)
