@@ -5,7 +5,9 @@ donated state, no host sync inside the timed window) for the paper's counting se
 256 wide, 4 heads, batch 64, 512 tokens) by default, and compares tokens/s with Meta's official
 PyTorch code on the same H100 (~50 / 59 / 100 ms per batch for absolute / relative / CoPE).
 tokens/s is given with and without padding: counting's programs (~315 tokens on average) are
-padded to 511, and the official figures (~200k-400k tokens/s) count real tokens.
+padded to 511, and the official figures (~200k-400k tokens/s) count real tokens. `--pack` times
+each variant unpacked, packed (the config's `pack` option: several programs per row) or both;
+the padding column is the fraction of input positions that hold no example's token.
 Prints a table and writes JSON + markdown.
 """
 
@@ -26,6 +28,7 @@ from cope.model import ModelConfig, Transformer
 from experiments import sharding
 from experiments.configlib import apply_override, load_config
 from experiments.steps import build_model_config, build_task, init_train_state, make_train_step
+from experiments.tasks import Task, make_task
 
 OFFICIAL_MS = {"abs": 50.0, "rel": 59.0, "cope": 100.0}  # issue 3, measured on this H100
 H100_BF16_TFLOPS = 989.4  # dense bf16 tensor-core peak of an H100 SXM
@@ -44,6 +47,8 @@ def flops_per_token(num_params: int, num_layers: int, d_model: int, seq_len: int
 
 
 VARIANTS = ("abs", "rel", "cope", "rope", "nope", "cope_rel", "cope_rope")
+# --pack: which of unpacked (False) and packed (True) batches each variant is timed with.
+PACKING = {"no": (False,), "yes": (True,), "both": (False, True)}
 
 
 def matmul_params(model_cfg: ModelConfig) -> int:
@@ -77,20 +82,19 @@ def time_variant(
     run(0, warmup)
     elapsed = run(warmup, steps)
     tokens = bs * task.seq_len(task.train_split)
-    # Non-padding input tokens of the timed batches (a pure function of seed and step), counted
-    # outside the timed window.
-    real = (
-        float(
-            np.mean(
-                [
-                    (task.train_batch(seed, i, bs)["inputs"] != task.pad_id).sum()
-                    for i in range(warmup, warmup + steps)
-                ]
-            )
-        )  # fmt: skip
-        if task.pad_id is not None
-        else float(tokens)
-    )
+
+    def real_tokens(task: Task) -> float:
+        """Non-padding input tokens per timed batch (a pure function of seed and step), counted
+        outside the timed window."""
+        if task.pad_id is None:
+            return float(tokens)
+        batches = (task.train_batch(seed, i, bs) for i in range(warmup, warmup + steps))
+        return float(np.mean([(b["inputs"] != task.pad_id).sum() for b in batches]))
+
+    real = unpacked_real = real_tokens(task)
+    if task.pack:  # the same steps unpacked: B examples per batch, as the official code trains
+        options = config.task.options.to_dict() | {"pack": False}
+        unpacked_real = real_tokens(make_task(config.task.name, **options))
     ms = 1e3 * elapsed / steps
     num_params = sum(x.size for x in jax.tree.leaves(nnx.state(ts.model(), nnx.Param)))
     flop_params = matmul_params(build_model_config(config, task))
@@ -115,6 +119,9 @@ def time_variant(
         # of the official code's tokens/s in issue 3.
         "real_tokens_per_batch": real,
         "real_tokens_per_s": real / (ms / 1e3),
+        "packed": task.pack,
+        "padding_fraction": 1.0 - real / tokens,
+        "unpacked_real_tokens_per_batch": unpacked_real,
         "dtype": config.model.dtype,
     }
 
@@ -131,6 +138,12 @@ def main(argv: list[str] | None = None) -> None:
         "--options",
         default="",
         help="config options appended to every variant, e.g. size=gpt2_small,source=local",
+    )
+    parser.add_argument(
+        "--pack",
+        choices=PACKING,
+        default="both",
+        help="time unpacked batches, packed ones (the `pack` config option), or both",
     )
     parser.add_argument("--steps", type=int, default=50, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=5)
@@ -149,21 +162,33 @@ def main(argv: list[str] | None = None) -> None:
     device = jax.devices()[0].device_kind
     records = []
     columns = (
-        "| variant | ms/batch | tokens/s | tokens/s without padding | model TFLOP/s | MFU "
-        "| official ms/batch | speed-up vs official |\n|---|---|---|---|---|---|---|---|"
+        "| variant | packed | padding | ms/batch | tokens/s | tokens/s without padding "
+        "| model TFLOP/s | MFU | official ms/batch | speed-up vs official (real tokens/s) |\n"
+        "|---|---|---|---|---|---|---|---|---|---|"
     )
     print(columns)
     lines = []
-    for variant in args.variants.split(","):
-        spec = f"{args.config}:{variant}" + (f",{args.options}" if args.options else "")
+    runs = [
+        (variant, packed) for variant in args.variants.split(",") for packed in PACKING[args.pack]
+    ]
+    for variant, packed in runs:
+        options = ",".join(o for o in (args.options, "pack" if packed else "") if o)
+        spec = f"{args.config}:{variant}" + (f",{options}" if options else "")
         r = time_variant(spec, args.override, args.steps, args.warmup, args.peak_tflops)
         r |= {"variant": variant, "device": device, "jax": jax.__version__}
         official = OFFICIAL_MS.get(variant) if "counting" in args.config else None
-        r["speedup_vs_official"] = official / r["ms_per_batch"] if official else None
+        # Real tokens/s over the official code's: its batches are B programs, unpacked.
+        r["speedup_vs_official"] = (
+            r["real_tokens_per_s"] * official / 1e3 / r["unpacked_real_tokens_per_batch"]
+            if official
+            else None
+        )
         records.append(r)
         speedup = f"{r['speedup_vs_official']:.1f}×" if official else "n/a"
         line = (
-            f"| {variant} | {r['ms_per_batch']:.2f} | {r['tokens_per_s']:,.0f} | "
+            f"| {variant} | {'yes' if r['packed'] else 'no'} | "
+            f"{100 * r['padding_fraction']:.1f}% | "
+            f"{r['ms_per_batch']:.2f} | {r['tokens_per_s']:,.0f} | "
             f"{r['real_tokens_per_s']:,.0f} | {r['model_tflops']:.0f} | {100 * r['mfu']:.1f}% | "
             f"{official or 'n/a'} | {speedup} |"
         )

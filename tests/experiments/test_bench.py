@@ -37,6 +37,7 @@ def test_bench_train_reports_mfu_with_options(tmp_path):
 
     out = tmp_path / "speed"
     args = ["--config", "configs/counting.py", "--variants", "abs,cope", "--options", "smoke"]
+    args += ["--pack", "no"]
     bench_train.main([*args, "--steps", "1", "--warmup", "1", "--out", str(out)])
     records = json.loads(out.with_suffix(".json").read_text())
     assert records[0]["flop_params"] == records[1]["flop_params"]
@@ -66,6 +67,34 @@ def test_bench_train_reports_mfu_with_options(tmp_path):
             r["real_tokens_per_batch"] / (r["batch"] * r["seq_len"]),
         )
     assert "MFU" in out.with_suffix(".md").read_text()
+
+
+def test_bench_train_reports_padding_packed(tmp_path):
+    """Packed counting rows: the real-token count and padding are the packed batch's, and the
+    speed-up over the official code compares real tokens/s with its unpacked batches."""
+    from experiments import bench_train
+    from experiments.configlib import load_config
+    from experiments.steps import build_task
+
+    out = tmp_path / "speed"
+    args = ["--config", "configs/counting.py", "--variants", "cope", "--options", "smoke"]
+    bench_train.main([*args, "--pack", "yes", "--steps", "1", "--warmup", "1", "--out", str(out)])
+    (r,) = json.loads(out.with_suffix(".json").read_text())
+    assert r["config"] == "configs/counting.py:cope,smoke,pack" and r["packed"]
+    packed, unpacked = (
+        build_task(load_config(f"configs/counting.py:cope,smoke{o}")) for o in (",pack", "")
+    )
+    seed, size = load_config(r["config"]).train.seed, r["batch"] * r["seq_len"]
+    real = (packed.train_batch(seed, 1, r["batch"])["inputs"] != 0).sum()
+    plain = (unpacked.train_batch(seed, 1, r["batch"])["inputs"] != 0).sum()
+    assert (r["real_tokens_per_batch"], r["unpacked_real_tokens_per_batch"]) == (real, plain)
+    np.testing.assert_allclose(r["padding_fraction"], 1 - real / size)
+    assert r["padding_fraction"] < 0.5 * (1 - plain / size)
+    official = bench_train.OFFICIAL_MS["cope"] / 1e3
+    np.testing.assert_allclose(
+        r["speedup_vs_official"], r["real_tokens_per_s"] / (plain / official)
+    )
+    assert "| cope | yes |" in out.with_suffix(".md").read_text()
 
 
 def test_cope_bench_quick_records_every_impl(tmp_path):
