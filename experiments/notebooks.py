@@ -1,5 +1,6 @@
 """Runs a notebook top to bottom (nbclient) and stores it with its outputs, without volatile
-metadata: `python -m experiments.notebooks experiments/notebook.ipynb [--set NAME=VALUE ...]`.
+metadata: `python -m experiments.notebooks experiments/notebook.ipynb [--set NAME=VALUE ...]
+[--figures PREFIX]` (`--figures` also writes every figure it shows as `<PREFIX>_<n>.png`).
 
 The cell tagged `parameters` holds the notebook's settings; `--set` (or `parameters=`) adds a
 cell after it that overrides them, as papermill does.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import base64
 import sys
 import time
 from pathlib import Path
@@ -55,6 +57,20 @@ def execute(
     return notebook, seconds
 
 
+def save_figures(notebook: nbformat.NotebookNode, prefix: str | Path) -> list[Path]:
+    """Writes the notebook's PNG outputs, in order, to `<prefix>_<n>.png` (n from 1)."""
+    images = [
+        output["data"]["image/png"]
+        for cell in notebook.cells
+        for output in cell.get("outputs", [])
+        if "image/png" in output.get("data", {})
+    ]
+    paths = [Path(f"{prefix}_{n}.png") for n in range(1, len(images) + 1)]
+    for path, image in zip(paths, images, strict=True):
+        path.write_bytes(base64.b64decode(image))
+    return paths
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -64,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--set", action="append", default=[], help="NAME=VALUE (a Python literal), repeatable"
     )
+    parser.add_argument("--figures", default=None, help="also save its figures as PREFIX_<n>.png")
     args = parser.parse_args(argv)
     parameters = {}
     for assignment in args.set:
@@ -74,8 +91,11 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--set {assignment!r}: the value must be a Python literal")
         if not sep or not name.isidentifier():
             parser.error(f"--set must be NAME=VALUE, got {assignment!r}")
-    _, seconds = execute(args.notebook, args.out or args.notebook, parameters=parameters)
+    notebook, seconds = execute(args.notebook, args.out or args.notebook, parameters=parameters)
     print(f"executed {args.notebook} in {seconds:.1f} s", file=sys.stderr)
+    if args.figures:
+        for path in save_figures(notebook, args.figures):
+            print(f"wrote {path}", file=sys.stderr)
     return 0
 
 
