@@ -110,6 +110,7 @@ def _band_kernel(
     num_q_blocks: int,
     separate_gate_k: bool,
     band_atomics: bool,
+    num_threads: int,
     compiled: bool,
 ):
     # Inputs: length_ref [] int32; q_ref, do_ref: [block_q, D]; k_ref, v_ref, gk_ref (only with
@@ -191,7 +192,12 @@ def _band_kernel(
             view = acc_ref.at[keys, :]
             pltriton.store(view, pltriton.load(view, volatile=True) + tile)
         if compiled:
-            pltriton.debug_barrier()  # every thread's stores precede the release
+            # Publish every thread's stores before the release: one acq_rel atomic (adding 0 to
+            # the lock) per thread fences that thread's writes GPU-wide; the barrier then
+            # orders them all before the releasing thread's atomic.
+            fence_lanes = jnp.full((num_threads,), kv_block, jnp.int32)
+            pltriton.atomic_add(lock_ref, (fence_lanes,), jnp.zeros((num_threads,), jnp.float32))
+            pltriton.debug_barrier()
         pltriton.atomic_add(lock_ref, lock, -one)
 
     def gates(kv_block, s):
@@ -571,6 +577,7 @@ def backward_with_saturation(
             num_q_blocks=num_q_blocks,
             separate_gate_k=separate,
             band_atomics=config.band_atomics,
+            num_threads=32 * config.num_warps_band,
             compiled=not interpret,
         ),
         grid=(num_q_blocks, batch, heads),
