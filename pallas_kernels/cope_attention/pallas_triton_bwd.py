@@ -48,6 +48,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels._segments import pad_segments, tile_ranges
 from pallas_kernels.cope_attention.config import BackwardConfig, heuristic_backward_config
 from pallas_kernels.cope_attention.pallas_triton_fwd import position_logits
 
@@ -109,6 +110,7 @@ def _band_kernel(
     block_k: int,
     num_q_blocks: int,
     separate_gate_k: bool,
+    segments: bool,
     band_atomics: bool,
     num_threads: int,
     compiled: bool,
@@ -120,11 +122,13 @@ def _band_kernel(
     # spare columns N + 1 + j for masked-off lanes in interpret mode); n_sat_ref [] int32;
     # lock_ref [S_pad / block_k] fp32 (a spin lock, 0 or 1, per key tile of this kv head);
     # dk_ref, dv_ref, dgk_ref (separate gate keys): [S_pad, D] fp32 band-tile accumulators.
-    refs = list(refs)
-    length_ref, q_ref, k_ref, v_ref = refs[:4]
-    gk_ref = refs.pop(4) if separate_gate_k else None
-    do_ref, lse_ref, delta_ref, gate_total_ref, z_ref = refs[4:9]
-    outs = refs[9 + (5 if separate_gate_k else 4) :]
+    length_ref, q_ref, k_ref, v_ref, *refs = refs
+    gk_ref = refs.pop(0) if separate_gate_k else None
+    do_ref, lse_ref, delta_ref, gate_total_ref, z_ref, *refs = refs
+    # Packed rows: tiles_ref [4] int32 (`tile_ranges`), q_seg_ref [block_q], kv_seg_ref [S_pad].
+    tiles_ref, q_seg_ref, kv_seg_ref = refs[:3] if segments else (None, None, None)
+    num_acc = 3 if separate_gate_k else 2
+    outs = refs[(3 if segments else 0) + 2 + num_acc :]  # past the aliased zero inputs
     dq_ref, dz_ref, n_sat_ref, lock_ref, dk_ref, dv_ref = outs[:6]
     dgk_ref = outs[6] if separate_gate_k else None
     q_block = _q_block_map(causal, num_q_blocks)(pl.program_id(0))
@@ -207,6 +211,8 @@ def _band_kernel(
         logits = s if gk is None else _dot(q, gk, trans_b=True)
         cols = kv_block * block_k + key_local
         valid = _mask(rows, cols, length, causal=causal, offset=offset)
+        if segments:
+            valid = valid & (q_seg_ref[...][:, None] == kv_seg_ref[keys][None, :])
         return jnp.where(valid, _sigmoid(logits * scale), 0.0), valid, gk
 
     # 1. Band search: carry = Σ_{m >= (kv_block + 1)·block_k} g. Tile kv_block is saturated
@@ -225,6 +231,8 @@ def _band_kernel(
         return kv_block - 1, carry + jnp.sum(g, axis=1)
 
     unsaturable = jnp.min(jnp.where(real, gate_total, jnp.inf)) < max_pos
+    if segments:  # saturated tiles must need no mask: packed rows take the band path only
+        unsaturable = jnp.bool_(True)
     search_start = jnp.where(unsaturable, -1, hi - 1)
     last_saturated, band_total = lax.while_loop(
         search_cond, search_body, (search_start, jnp.zeros((block_q,), jnp.float32))
@@ -288,7 +296,10 @@ def _band_kernel(
     head_dim = q_ref.shape[-1]
     zeros = jnp.zeros((block_q,), jnp.float32)
     dq = jnp.zeros((block_q, head_dim), jnp.float32)
-    dq, _, _ = lax.fori_loop(n_sat, hi, band_body, (dq, band_total, zeros))
+    band_lo, band_hi = n_sat, hi
+    if segments:  # tiles outside [lo, hi) share no segment with the block: no gate, no P
+        band_lo, band_hi = tiles_ref[0], jnp.minimum(hi, tiles_ref[3])
+    dq, _, _ = lax.fori_loop(band_lo, band_hi, band_body, (dq, band_total, zeros))
     dq_ref[...] = dq
     n_sat_ref[...] = n_sat
 
@@ -411,7 +422,7 @@ def _pad(x: jax.Array, axis_sizes: dict[int, int], value=0) -> jax.Array:
     return jnp.pad(x, widths, constant_values=value)
 
 
-def _check(q, k, v, pos_emb, gate_k, lengths, out, lse, gate_total, dout) -> None:
+def _check(q, k, v, pos_emb, gate_k, lengths, out, lse, gate_total, dout, segment_ids) -> None:
     if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
         raise ValueError(f"q must be [B, T, H, D] and k, v [B, S, K, D]; got {q.shape}, {k.shape}")
     batch, q_len, heads, head_dim = q.shape
@@ -431,6 +442,11 @@ def _check(q, k, v, pos_emb, gate_k, lengths, out, lse, gate_total, dout) -> Non
             raise ValueError(f"{name} must be [B, H, T]={(batch, heads, q_len)}, got {x.shape}")
     if lengths is not None and lengths.shape != (batch,):
         raise ValueError(f"lengths must be [B]={batch}, got shape {lengths.shape}")
+    if segment_ids is not None and (segment_ids.shape != (batch, q_len) or k.shape[1] != q_len):
+        raise ValueError(
+            f"segment_ids must be [B, T]={(batch, q_len)} with S == T, got {segment_ids.shape} "
+            f"and k {k.shape}"
+        )
 
 
 def cope_attention_bwd(
@@ -444,6 +460,7 @@ def cope_attention_bwd(
     lse,
     gate_total,
     dout,
+    segment_ids=None,
     *,
     causal: bool,
     scale: float | None,
@@ -459,6 +476,8 @@ def cope_attention_bwd(
       out: [B, T, H, D] the forward output; lse: [B, H, T] fp32 natural-log softmax denominator
         (+inf for rows with no visible key); gate_total: [B, H, T] fp32 unclamped Σ_j g_ij.
       dout: [B, T, H, D] the output cotangent.
+      segment_ids: optional [B, T] int (T == S): packed rows, pairs of one segment only. Such
+        calls run every shared tile through the band kernel (no saturated tiles).
       causal, scale (None: 1/sqrt(D)), nodiv: as the forward.
       config: tiles (None: `heuristic_backward_config`); interpret: Pallas interpret mode.
 
@@ -477,6 +496,7 @@ def cope_attention_bwd(
         lse,
         gate_total,
         dout,
+        segment_ids,
         causal=causal,
         scale=scale,
         nodiv=nodiv,
@@ -497,6 +517,7 @@ def backward_with_saturation(
     lse,
     gate_total,
     dout,
+    segment_ids=None,
     *,
     causal: bool,
     scale: float | None,
@@ -506,7 +527,7 @@ def backward_with_saturation(
 ):
     """`cope_attention_bwd`, plus n_sat [B, H, T_pad / block_q] int32: the number of leading
     key tiles of each query block that ran as saturated (plain flash) tiles."""
-    _check(q, k, v, pos_emb, gate_k, lengths, out, lse, gate_total, dout)
+    _check(q, k, v, pos_emb, gate_k, lengths, out, lse, gate_total, dout, segment_ids)
     batch, q_len, heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
     npos = pos_emb.shape[0]
@@ -557,9 +578,19 @@ def backward_with_saturation(
     if separate:
         in_specs.append(kv_spec)
         inputs.append(_pad(gate_k, {1: kv_pad, 3: d_pad}))
-    in_specs += [q_spec, row_spec, row_spec, row_spec, z_spec, dz_spec, lock_spec]
-    in_specs += [kv_spec] * num_acc
-    inputs += [dop, lse, delta, gate_total, z, jnp.zeros((batch, heads, q_pad, dz_width), f32)]
+    in_specs += [q_spec, row_spec, row_spec, row_spec, z_spec]
+    inputs += [dop, lse, delta, gate_total, z]
+    if segment_ids is not None:
+        q_seg, kv_seg = pad_segments(segment_ids, q_pad, kv_pad)
+        tiles = tile_ranges(q_seg, kv_seg, block_q=block_q, block_k=block_k, by_keys=False)
+        in_specs += [
+            pl.BlockSpec((None, None, 4), lambda i, b, h: (b, qb(i), 0)),  # [B, nQ, 4]
+            pl.BlockSpec((None, block_q), lambda i, b, h: (b, qb(i))),  # q_seg [B, T_pad]
+            pl.BlockSpec((None, kv_pad), lambda i, b, h: (b, 0)),  # kv_seg [B, S_pad]
+        ]
+        inputs += [tiles, q_seg, kv_seg]
+    in_specs += [dz_spec, lock_spec] + [kv_spec] * num_acc
+    inputs.append(jnp.zeros((batch, heads, q_pad, dz_width), f32))
     inputs.append(jnp.zeros((batch, kv_heads, num_k_blocks), f32))  # locks
     inputs += [jnp.zeros(acc_shape, f32) for _ in range(num_acc)]
     first_zero = len(inputs) - num_acc - 2  # dz, locks, accumulators alias outputs 1, 3, 4...
@@ -576,6 +607,7 @@ def backward_with_saturation(
             block_k=block_k,
             num_q_blocks=num_q_blocks,
             separate_gate_k=separate,
+            segments=segment_ids is not None,
             band_atomics=config.band_atomics,
             num_threads=32 * config.num_warps_band,
             compiled=not interpret,

@@ -45,6 +45,7 @@ class Case:
     nodiv: bool = False
     gate_k: bool = False
     lengths: tuple[int, ...] | None = None
+    segments: tuple[int, ...] | None = None  # packed rows: the segment lengths of every row
     gate_bias: float = 0.0  # > 0 pushes every gate toward 1, < 0 toward 0
     dtype: type = jnp.float32
     config: BackwardConfig | None = None
@@ -76,6 +77,23 @@ CASES = [
         saturates=True,
     ),  # fmt: skip
     Case("bf16_gqa4to1_npos64", 1, 64, 64, 4, 1, 64, 64, dtype=jnp.bfloat16),
+    Case("packed_rows_causal", 2, 70, 70, 2, 1, 16, 17, segments=(20, 3, 47), config=TILES_16),
+    Case(
+        "packed_rows_noncausal_gatek",
+        1,
+        40,
+        40,
+        2,
+        1,
+        16,
+        8,
+        causal=False,
+        gate_k=True,
+        lengths=(37,),
+        segments=(1, 25, 14),
+        config=TILES_16,
+        saturates=False,
+    ),  # fmt: skip
     Case(
         "bf16_gatek_nodiv_S90", 1, 40, 90, 2, 1, 32, 17, nodiv=True, gate_k=True, dtype=jnp.bfloat16
     ),  # fmt: skip
@@ -115,6 +133,14 @@ def _inputs(case: Case, seed: int):
     return cast(q), cast(k), cast(v), e, cast(gk), cast(do)
 
 
+def _segment_ids(case: Case):
+    """[B, T] int32 ids of `case.segments` (each row packed the same way), or None."""
+    if case.segments is None:
+        return None
+    ids = np.repeat(np.arange(len(case.segments)), case.segments)
+    return jnp.asarray(np.broadcast_to(ids, (case.batch, case.q_len)), jnp.int32)
+
+
 def _float64_reference(case: Case, q, k, v, e, gk, do, lengths):
     """(out, lse, gate_total) from the definitions and the float64 gradients of the reference;
     None when an unclamped position (suffix sum <= npos - 1) lies within MIN_GAP of an
@@ -124,6 +150,7 @@ def _float64_reference(case: Case, q, k, v, e, gk, do, lengths):
         f64 = lambda x: None if x is None else jnp.asarray(np.asarray(x, np.float64))  # noqa: E731
         q, k, v, e, gk, do = map(f64, (q, k, v, e, gk, do))
         lens = None if lengths is None else jnp.asarray(lengths)
+        segment_ids = _segment_ids(case)
         group = case.heads // case.kv_heads
 
         def residuals(q, k, e, gk):
@@ -131,7 +158,13 @@ def _float64_reference(case: Case, q, k, v, e, gk, do, lengths):
             content = jnp.einsum("bthd,bshd->bhts", q, rep(k))
             gate_logits = content if gk is None else jnp.einsum("bthd,bshd->bhts", q, rep(gk))
             mask = jnp.broadcast_to(
-                F.attention_mask(case.q_len, case.kv_len, causal=case.causal, lengths=lens),
+                F.attention_mask(
+                    case.q_len,
+                    case.kv_len,
+                    causal=case.causal,
+                    lengths=lens,
+                    segment_ids=segment_ids,
+                ),
                 content.shape,
             )
             gates = jnp.where(mask, jax.nn.sigmoid(gate_logits * scale), 0.0)
@@ -166,6 +199,7 @@ def _float64_reference(case: Case, q, k, v, e, gk, do, lengths):
                 lengths=lens,
                 nodiv=case.nodiv,
                 gate_k=gate_k[0] if gate_k else None,
+                segment_ids=segment_ids,
             )
 
         def out_and_grads(do, *args):
@@ -217,7 +251,7 @@ def test_gradients_match_float64_reference(case: Case):
         jnp.asarray(lse, jnp.float32),
         jnp.asarray(gate_total, jnp.float32),
     )
-    grads, n_sat = backward(q, k, v, e, gk, lengths, *residuals, do)
+    grads, n_sat = backward(q, k, v, e, gk, lengths, *residuals, do, _segment_ids(case))
     msg = f"seed={seed} case={case.name}"
     for name, g, x, rg in zip(GRAD_NAMES, grads, (q, k, v, e, gk), ref_grads):
         assert g.shape == x.shape and g.dtype == x.dtype, f"d{name} {g.shape} {g.dtype} {msg}"
@@ -251,7 +285,7 @@ def test_validation():
 @pytest.mark.parametrize("device_kind", ["NVIDIA H100", "NVIDIA H200"])
 def test_lowers_for_hopper(device_kind):
     """The three kernels lower to Triton custom calls (with and without separate gate keys,
-    with locks and with atomics in the band kernel)."""
+    with locks and with atomics in the band kernel, with packed rows)."""
     mesh = AbstractMesh(
         (1,),
         ("x",),
@@ -262,9 +296,11 @@ def test_lowers_for_hopper(device_kind):
     q = sds((2, 200, 4, 64), jnp.bfloat16)
     k = sds((2, 200, 2, 64), jnp.bfloat16)
     rows = sds((2, 4, 200), jnp.float32)
-    for gate_k, npos, atomics in ((None, 64, False), (k, 513, False), (None, 64, True)):
+    segment_ids = sds((2, 200), jnp.int32)
+    variants = [(None, 64, False, None), (k, 513, False, None), (None, 64, True, None)]
+    for gate_k, npos, atomics, segments in variants + [(None, 17, False, segment_ids)]:
 
-        def bwd(q, k, v, e, gk, lengths, out, lse, gate_total, dout, atomics=atomics):
+        def bwd(q, k, v, e, gk, lengths, out, lse, gate_total, dout, seg, atomics=atomics):
             return cope_attention_bwd(
                 q,
                 k,
@@ -276,6 +312,7 @@ def test_lowers_for_hopper(device_kind):
                 lse,
                 gate_total,
                 dout,
+                seg,
                 causal=True,
                 scale=None,
                 nodiv=False,
@@ -286,7 +323,7 @@ def test_lowers_for_hopper(device_kind):
         args = (q, k, k, sds((npos, 64), jnp.float32), gate_k, sds((2,), jnp.int32))
         with use_abstract_mesh(mesh):
             exported = export.export(jax.jit(bwd), platforms=["cuda"], disabled_checks=checks)(
-                *args, q, rows, rows, q
+                *args, q, rows, rows, q, segments
             )
         text = exported.mlir_module()
         assert text.count("__gpu$xla.gpu.triton") >= 3, "expected the three backward kernels"
