@@ -96,7 +96,7 @@ def best_fit_rows(widths: np.ndarray, width: int) -> list[np.ndarray]:
         )
     ranked = np.argsort(-widths, kind="stable")
     full = ranked[widths[ranked] == width]  # fill a row alone; placed without the search
-    rows: list[list[int]] = [[int(i)] for i in full]
+    rows: list[list[int]] = []  # the others
     # Open rows by their room: rows_with_room[c] lists the rows with exactly c positions left.
     rows_with_room: list[list[int]] = [[] for _ in range(width)]
     room_count = np.zeros(width, np.int64)  # [T] len(rows_with_room[c])
@@ -114,7 +114,7 @@ def best_fit_rows(widths: np.ndarray, width: int) -> list[np.ndarray]:
         if room > w:
             rows_with_room[room - w].append(row)
             room_count[room - w] += 1
-    return [np.asarray(r, np.int64) for r in rows]
+    return [*full[:, None], *(np.asarray(r, np.int64) for r in rows)]
 
 
 def pack_examples(
@@ -455,7 +455,8 @@ class FixedTask(Task):
     - `eval_batches` walks the split in order (every row once; the last batch is filled).
     """
 
-    _packing: tuple[np.ndarray, list[np.ndarray]] | None = None
+    _packing: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    _epoch_cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] | None = None
 
     def _rows(self, split: str, indices: np.ndarray) -> Batch:
         """The batch made of rows `indices` ([n] int) of `split`."""
@@ -491,14 +492,33 @@ class FixedTask(Task):
             [self.example_widths(self._rows(self.train_split, c)) for c in chunks]
         )
 
-    def _packing_plan(self) -> tuple[np.ndarray, list[np.ndarray]]:
-        """(widths [size], rows): the training set packed once by `best_fit_rows`, the rows
-        holding positions in the examples' width order (longest first)."""
+    def _packing_plan(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(widths [size], members [size], starts [R + 1]): the training set packed once by
+        `best_fit_rows`; row r holds members[starts[r] : starts[r + 1]], positions in the
+        examples' width order (longest first)."""
         if self._packing is None:
             widths = np.maximum(self.train_widths(), 1)
-            ranked = np.sort(widths)[::-1]
-            self._packing = (widths, best_fit_rows(ranked, self.seq_len(self.train_split)))
+            rows = best_fit_rows(np.sort(widths)[::-1], self.seq_len(self.train_split))
+            starts = np.cumsum([0, *map(len, rows)])
+            self._packing = (widths, np.concatenate(rows), starts)
         return self._packing
+
+    def _epoch_packing(self, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(the example at each width-order position [size], the order of the rows [R]) of
+        epoch `epoch`; the last two are cached, as one batch reads at most two epochs."""
+        if self._epoch_cache is None:
+            self._epoch_cache = {}
+        if (seed, epoch) not in self._epoch_cache:
+            widths, _, starts = self._packing_plan()
+            order = epoch_order(seed, epoch, len(widths))
+            ranked = order[np.argsort(-widths[order], kind="stable")]
+            row_order = np.random.default_rng(
+                np.random.SeedSequence([seed, 0, PACK_STREAM, epoch])
+            ).permutation(len(starts) - 1)
+            if len(self._epoch_cache) >= 2:
+                self._epoch_cache.pop(next(iter(self._epoch_cache)))
+            self._epoch_cache[seed, epoch] = (ranked, row_order)
+        return self._epoch_cache[seed, epoch]
 
     def packed_rows(self, seed: int, epoch: int) -> list[np.ndarray]:
         """The rows of epoch `epoch` of the packed training stream, as example indices.
@@ -508,26 +528,21 @@ class FixedTask(Task):
         So every epoch holds every example exactly once, in the same number of rows, and no
         two examples are partners in every epoch.
         """
-        widths, rows = self._packing_plan()
-        order = epoch_order(seed, epoch, len(widths))
-        ranked = order[np.argsort(-widths[order], kind="stable")]  # example of each position
-        row_order = np.random.default_rng(
-            np.random.SeedSequence([seed, 0, PACK_STREAM, epoch])
-        ).permutation(len(rows))
-        return [ranked[rows[r]] for r in row_order]
+        _, members, starts = self._packing_plan()
+        ranked, row_order = self._epoch_packing(seed, epoch)
+        return [ranked[members[starts[r] : starts[r + 1]]] for r in row_order]
 
     def _packed_train_batch(self, seed: int, step: int, batch_size: int) -> Batch:
         """Rows step*B .. step*B+B-1 of the endless stream of packed epochs (`packed_rows`)."""
-        widths, plan = self._packing_plan()
+        widths, members, starts = self._packing_plan()
         stream = step * batch_size + np.arange(batch_size, dtype=np.int64)  # [B]
-        epochs, offsets = np.divmod(stream, len(plan))
-        members = [np.empty(0, np.int64)] * batch_size
-        for epoch in np.unique(epochs):
-            epoch_rows = self.packed_rows(seed, int(epoch))
-            for j in np.flatnonzero(epochs == epoch):
-                members[j] = epoch_rows[offsets[j]]
-        indices = np.concatenate(members)
-        bounds = np.cumsum([0] + [len(m) for m in members])
+        rows = []
+        for epoch, offset in zip(*np.divmod(stream, len(starts) - 1), strict=True):
+            ranked, row_order = self._epoch_packing(seed, int(epoch))
+            r = row_order[offset]
+            rows.append(ranked[members[starts[r] : starts[r + 1]]])
+        indices = np.concatenate(rows)
+        bounds = np.cumsum([0, *map(len, rows)])
         local = [np.arange(bounds[j], bounds[j + 1]) for j in range(batch_size)]
         examples = self._rows(self.train_split, indices)
         return pack_examples(examples, widths[indices], local, fill=self.pad_id or 0)
