@@ -27,6 +27,26 @@ TOL = {
     jnp.bfloat16: (1e-2, 2e-2),
 }
 GRAD_NAMES = ("q", "k", "v", "pos_emb", "gate_k")
+MIN_GAP = 2e-5  # positions closer than this to an integer sit on a jump of the gradient
+
+
+def _position_gap(q, gate_k, lengths, causal: bool, npos: int) -> float:
+    """Smallest float64 distance of an unclamped position (suffix sum of gates, <= npos - 1)
+    to an integer >= 1, over allowed pairs."""
+    q, gate_k = np.asarray(q, np.float64), np.asarray(gate_k, np.float64)
+    b, t, h, d = q.shape
+    s = gate_k.shape[1]
+    keys = np.repeat(gate_k, h // gate_k.shape[2], axis=2)
+    mask = np.ones((b, 1, t, s), bool)
+    if causal:
+        mask &= (np.arange(s)[None, :] <= np.arange(t)[:, None] + s - t)[None, None]
+    if lengths is not None:
+        mask &= (np.arange(s)[None, :] < np.asarray(lengths)[:, None])[:, None, None, :]
+    gates = np.where(mask, 1 / (1 + np.exp(-np.einsum("bthd,bshd->bhts", q, keys) / d**0.5)), 0)
+    suffix = np.flip(np.cumsum(np.flip(gates, -1), -1), -1)
+    nearest = np.round(suffix)
+    near = mask & (nearest >= 1) & (nearest <= npos - 1)
+    return float(np.min(np.where(near, np.abs(suffix - nearest), np.inf), initial=np.inf))
 
 
 def _rel(x, ref) -> float:
@@ -80,9 +100,18 @@ def _check(
     Gradients named in `vanishing` are ~0 by cancellation in this regime, so their error is
     measured against the norm of dq instead of their own.
     """
-    seed = int(np.random.default_rng().integers(2**31))  # fresh inputs every run
-    q, k, v, e, gk, do = _inputs(shape, dtype, seed, gate_k=gate_k, gate_bias=gate_bias)
     lengths = None if lengths is None else jnp.asarray(lengths, jnp.int32)
+    # Fresh inputs every run. The exact gradient jumps where a position crosses an integer and
+    # float32 positions are a few ulps of the gate total off, so for gradients, inputs that put
+    # a position within MIN_GAP of an integer are drawn again rather than compared there.
+    for _ in range(20):
+        seed = int(np.random.default_rng().integers(2**31))
+        q, k, v, e, gk, do = _inputs(shape, dtype, seed, gate_k=gate_k, gate_bias=gate_bias)
+        gate_keys = k if gk is None else gk
+        if not grads or _position_gap(q, gate_keys, lengths, causal, shape.npos) >= MIN_GAP:
+            break
+    else:
+        pytest.fail(f"no inputs with every position {MIN_GAP} away from an integer")
     args = (q, k, v, e) + ((gk,) if gate_k else ())
     kw = dict(causal=causal, lengths=lengths, nodiv=nodiv)
 
