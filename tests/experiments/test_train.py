@@ -204,7 +204,8 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     run_child(script, {"WORKDIR": str(resumed)})
     a = json.loads((straight / "results.json").read_text())["final"]
     b = json.loads((resumed / "results.json").read_text())["final"]
-    assert a == b
+    # Two processes: floats to rounding (a resume off by one batch differs at full size).
+    assert_results_close(a, b)
     steps = [r["step"] for r in train_records(resumed)]
     assert steps == sorted(set(steps)) == list(range(1, 25))  # no duplicated records
 
@@ -254,7 +255,8 @@ def test_sigterm_stops_cleanly_and_the_rerun_finishes_identically(tmp_path, when
     run_child(script, {"WORKDIR": str(resumed)})
     a = json.loads((straight / "results.json").read_text())["final"]
     b = json.loads((resumed / "results.json").read_text())["final"]
-    assert a == b
+    # Two processes: floats to rounding (a resume off by one batch differs at full size).
+    assert_results_close(a, b)
     steps = [r["step"] for r in train_records(resumed)]
     assert steps == ([4, 7, 8, 10, 12, 16] if when == "mid_interval" else [4, 8, 10, 12, 16])
     losses = [x for r in train_records(resumed) for x in r["train"]["step_losses"]]
