@@ -17,6 +17,8 @@ import pytest
 
 from cope import functional as F
 from pallas_kernels import decode_attention, flash_attention
+from pallas_kernels.cope_attention import cope_attention
+from pallas_kernels.cope_attention.config import BackwardConfig
 from pallas_kernels.decode_attention import DecodeConfig
 
 
@@ -43,6 +45,7 @@ MODES = {
 }
 POS_EMB = jnp.asarray(np.random.default_rng().standard_normal((6, 16)), jnp.float32)  # [N, D]
 BLOCKS = {f"block_{n}": 16 for n in ("q", "k", "q_dq", "k_dq", "q_dkv", "k_dkv")}
+COPE_BLOCKS = {"block_q": 16, "block_k": 16, "backward_config": BackwardConfig(16, 16)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +90,13 @@ IMPLS = (
         "flash",
         lambda q, k, v, lengths, causal: flash_attention(
             q, k, v, causal=causal, lengths=lengths, **BLOCKS
+        ),
+        ("prefill", "decode"),
+    ),
+    Impl(
+        "cope_flash",
+        lambda q, k, v, lengths, causal: cope_attention(
+            q, k, v, POS_EMB, causal=causal, lengths=lengths, **COPE_BLOCKS
         ),
         ("prefill", "decode"),
     ),

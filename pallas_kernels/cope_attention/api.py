@@ -17,6 +17,9 @@ from pallas_kernels.cope_attention.pallas_triton_fwd import cope_attention_fwd
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 MAX_HEAD_DIM = 256
 
+# `segment_ids=` (packed rows) is served, forward and backward; the seam reads this flag.
+TAKES_SEGMENT_IDS = True
+
 
 def why_unsupported(q, k, v, pos_emb, *, gate_k=None) -> str | None:
     """None when the kernel serves these inputs, else a one-line reason.
@@ -38,17 +41,17 @@ def why_unsupported(q, k, v, pos_emb, *, gate_k=None) -> str | None:
     return None
 
 
-def _validate(q, k, v, pos_emb, gate_k, lengths) -> None:
+def _validate(q, k, v, pos_emb, gate_k, lengths, segment_ids) -> None:
     if q.ndim != 4:
         raise ValueError(f"q must be [B, T, H, D], got shape {q.shape}")
     if k.ndim != 4 or v.shape != k.shape:
         raise ValueError(f"k and v must be [B, S, K, D] of one shape, got {k.shape} and {v.shape}")
+    if min(q.shape) == 0 or min(k.shape) == 0:
+        raise ValueError(f"empty inputs: q {q.shape}, k {k.shape}")
     if k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
         raise ValueError(f"k {k.shape} must match q {q.shape} in batch and head_dim")
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"q heads {q.shape[2]} must be a multiple of kv heads {k.shape[2]}")
-    if min(q.shape) == 0 or min(k.shape) == 0:
-        raise ValueError(f"empty inputs: q {q.shape}, k {k.shape}")
     if pos_emb.ndim != 2 or pos_emb.shape[0] < 1 or pos_emb.shape[1] != q.shape[3]:
         raise ValueError(f"pos_emb must be [npos >= 1, head_dim={q.shape[3]}], got {pos_emb.shape}")
     if gate_k is not None and gate_k.shape != k.shape:
@@ -63,6 +66,19 @@ def _validate(q, k, v, pos_emb, gate_k, lengths) -> None:
             f"lengths must be an int array of shape ({q.shape[0]},), got "
             f"{lengths.shape} {lengths.dtype}"
         )
+    if segment_ids is not None:
+        if q.shape[1] != k.shape[1] or segment_ids.shape != q.shape[:2]:
+            raise ValueError(
+                f"segment_ids must be [batch, q_len]={q.shape[:2]} for self-attention "
+                f"(q_len == kv_len), got shape {segment_ids.shape} with k {k.shape}"
+            )
+        if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+            raise ValueError(f"segment_ids must be an integer array, got {segment_ids.dtype}")
+
+
+def _as_arrays(*xs):
+    """Python lists or tuples (of numbers) become arrays; everything else is left to `_validate`."""
+    return tuple(jnp.asarray(x) if isinstance(x, list | tuple) else x for x in xs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +94,9 @@ class _Problem:
     debug: bool
 
 
-def _forward(q, k, v, pos_emb, gate_k, lengths, prob: _Problem, *, exact_gate_total: bool):
+def _forward(
+    q, k, v, pos_emb, gate_k, lengths, segment_ids, prob: _Problem, *, exact_gate_total: bool
+):
     return cope_attention_fwd(
         q,
         k,
@@ -86,6 +104,7 @@ def _forward(q, k, v, pos_emb, gate_k, lengths, prob: _Problem, *, exact_gate_to
         pos_emb,
         gate_k,
         lengths,
+        segment_ids,
         causal=prob.causal,
         scale=prob.scale,
         nodiv=prob.nodiv,
@@ -96,19 +115,21 @@ def _forward(q, k, v, pos_emb, gate_k, lengths, prob: _Problem, *, exact_gate_to
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _cope(q, k, v, pos_emb, gate_k, lengths, prob: _Problem):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _cope(q, k, v, pos_emb, gate_k, lengths, segment_ids, prob: _Problem):
     # Forward only: saturated tiles may skip their gates (the total is not needed).
-    return _forward(q, k, v, pos_emb, gate_k, lengths, prob, exact_gate_total=False)[0]
+    args = (q, k, v, pos_emb, gate_k, lengths, segment_ids, prob)
+    return _forward(*args, exact_gate_total=False)[0]
 
 
-def _cope_fwd(q, k, v, pos_emb, gate_k, lengths, prob: _Problem):
-    out, lse, gate_total = _forward(q, k, v, pos_emb, gate_k, lengths, prob, exact_gate_total=True)
-    return out, (q, k, v, pos_emb, gate_k, lengths, out, lse, gate_total)
+def _cope_fwd(q, k, v, pos_emb, gate_k, lengths, segment_ids, prob: _Problem):
+    args = (q, k, v, pos_emb, gate_k, lengths, segment_ids, prob)
+    out, lse, gate_total = _forward(*args, exact_gate_total=True)
+    return out, (q, k, v, pos_emb, gate_k, lengths, segment_ids, out, lse, gate_total)
 
 
 def _cope_bwd(prob: _Problem, residuals, d_out):
-    q, k, v, pos_emb, gate_k, lengths, out, lse, gate_total = residuals
+    q, k, v, pos_emb, gate_k, lengths, segment_ids, out, lse, gate_total = residuals
     dq, dk, dv, dpos_emb, dgate_k = cope_attention_bwd(
         q,
         k,
@@ -120,13 +141,14 @@ def _cope_bwd(prob: _Problem, residuals, d_out):
         lse,
         gate_total,
         d_out.astype(q.dtype),
+        segment_ids,
         causal=prob.causal,
         scale=prob.scale,
         nodiv=prob.nodiv,
         config=prob.backward_config,
         interpret=prob.interpret,
     )
-    return dq, dk, dv, dpos_emb, dgate_k, None
+    return dq, dk, dv, dpos_emb, dgate_k, None, None
 
 
 _cope.defvjp(_cope_fwd, _cope_bwd)
@@ -143,6 +165,7 @@ def cope_attention(
     scale: float | None = None,
     nodiv: bool = False,
     gate_k: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
     interpret: bool | None = None,
     **tuning,
 ) -> jax.Array:
@@ -162,6 +185,12 @@ def cope_attention(
       scale: logit and gate scale, default 1/sqrt(D).
       nodiv: add the position term after scaling.
       gate_k: optional [B, S, K, D] separate gate keys (default: the gates use k).
+      segment_ids: optional [B, T] int (self-attention, T == S): packed rows, several sequences
+        per row; a query attends only keys of its own segment and gates of other segments are
+        0, so positions restart in each. Tiles whose query and key blocks share no segment are
+        skipped; that pruning reads each block's min and max id, so it is tight when every
+        segment is one run and ids do not decrease along the row (what packing makes); the mask
+        itself is exact for any ids.
       interpret: Pallas interpret mode; None means interpret exactly when no GPU is present.
       **tuning: `config` (a `ForwardConfig`), any `ForwardConfig` field by name,
         `backward_config` (handed to the backward kernels), `debug`.
@@ -169,7 +198,10 @@ def cope_attention(
     Returns:
       [B, T, H, D] in q.dtype.
     """
-    _validate(q, k, v, pos_emb, gate_k, lengths)
+    q, k, v, pos_emb, gate_k, lengths, segment_ids = _as_arrays(
+        q, k, v, pos_emb, gate_k, lengths, segment_ids
+    )
+    _validate(q, k, v, pos_emb, gate_k, lengths, segment_ids)
     interpret = resolve_interpret(interpret)
     tuning = dict(tuning)
     config = tuning.pop("config", None)
@@ -194,4 +226,4 @@ def cope_attention(
     )
     if lengths is not None:
         lengths = jnp.clip(lengths.astype(jnp.int32), 0, kv_len)
-    return _cope(q, k, v, pos_emb, gate_k, lengths, prob)
+    return _cope(q, k, v, pos_emb, gate_k, lengths, segment_ids, prob)

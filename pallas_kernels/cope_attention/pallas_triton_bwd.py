@@ -22,6 +22,14 @@ Three kernels, all on the same (block_q x block_k) tiles:
     the constant position logit z_i[npos-1], plus Σ_j ds'_ij for dz_i[npos-1].
   dk/dv kernel, grid (key blocks, B, K): the saturated tiles of each key block (read from
     `n_sat`), plus the band accumulators.
+
+Packed rows (`segment_ids`): gates and pairs of other segments are masked, so positions restart
+in each segment; each kernel visits only the tiles that share a segment with its block
+(`pallas_kernels._segments`), the band search stops at the block's first such tile, and
+saturated tiles not inside one segment keep the segment mask.
+Non-finite inputs: masked pairs never reach a gradient (products over them read zeros in place of
+non-finite values and are cut with `where`; gather indices from NaN positions are sanitised).
+
 The split keeps the band kernel's registers (gathers, scans, many tile temporaries) away from
 the flash-like kernels that do most of the work once positions saturate. Per-element atomics
 are avoided: in Pallas-Triton each is an acq_rel atomic, compiled to a GPU-wide fence and an L1
@@ -48,7 +56,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels._segments import pad_segments, tile_ranges
+from pallas_kernels._segments import fori_ranges, pad_segments, tile_ranges
 from pallas_kernels.cope_attention.config import BackwardConfig, heuristic_backward_config
 from pallas_kernels.cope_attention.pallas_triton_fwd import position_logits
 
@@ -98,6 +106,20 @@ def _mask(rows, cols, length, *, causal: bool, offset: int):
     return valid
 
 
+def _finite_or_zero(x: jax.Array) -> jax.Array:
+    """x with its NaN and inf entries zeroed (operands of products over masked pairs)."""
+    return jnp.where(jnp.isfinite(x), x, 0)
+
+
+def _segment_specs(tiles_map, q_seg_map, kv_seg_map, *, q_rows: int, kv_rows: int):
+    """BlockSpecs of the packed-row inputs: tiles [B, n, 4], q_seg [B, T_pad], kv_seg [B, S_pad]."""
+    return [
+        pl.BlockSpec((None, None, 4), tiles_map),
+        pl.BlockSpec((None, q_rows), q_seg_map),
+        pl.BlockSpec((None, kv_rows), kv_seg_map),
+    ]
+
+
 def _band_kernel(
     *refs,
     scale: float,
@@ -134,6 +156,7 @@ def _band_kernel(
     q_block = _q_block_map(causal, num_q_blocks)(pl.program_id(0))
     length = length_ref[...]
     q = q_ref[...]  # [block_q, D]
+    q_safe = _finite_or_zero(q)  # operand of the key gradients: masked pairs read zeros
     do = do_ref[...]  # [block_q, D]
     lse = lse_ref[...]  # [block_q]
     delta = delta_ref[...]  # [block_q]
@@ -152,6 +175,10 @@ def _band_kernel(
     full, hi = _key_bounds(
         q_block, length, block_q=block_q, block_k=block_k, causal=causal, offset=offset
     )
+    bottom = jnp.int32(0)  # the first key tile with a visible pair
+    if segments:
+        hi = jnp.minimum(hi, tiles_ref[3])
+        bottom = jnp.minimum(tiles_ref[0], hi)
 
     def dz_add(bins, values, at):
         """dz[row, bins] += values where `at`; (row, bin) pairs are distinct within one call.
@@ -207,7 +234,7 @@ def _band_kernel(
     def gates(kv_block, s):
         """Sigmoid gates of one tile (0 on masked pairs), and the tile's gate keys."""
         keys = pl.ds(kv_block * block_k, block_k)
-        gk = gk_ref[keys, :] if separate_gate_k else None  # [block_k, D]
+        gk = _finite_or_zero(gk_ref[keys, :]) if separate_gate_k else None  # [block_k, D]
         logits = s if gk is None else _dot(q, gk, trans_b=True)
         cols = kv_block * block_k + key_local
         valid = _mask(rows, cols, length, causal=causal, offset=offset)
@@ -221,23 +248,21 @@ def _band_kernel(
         kv_block, carry = state
         carry_min = jnp.min(jnp.where(real, carry, jnp.inf))
         saturated = (kv_block < full) & (carry_min >= max_pos)
-        return (kv_block >= 0) & jnp.logical_not(saturated)
+        return (kv_block >= bottom) & jnp.logical_not(saturated)
 
     def search_body(state):
         kv_block, carry = state
-        k = k_ref[pl.ds(kv_block * block_k, block_k), :]  # [block_k, D]
+        k = _finite_or_zero(k_ref[pl.ds(kv_block * block_k, block_k), :])  # [block_k, D]
         s = None if separate_gate_k else _dot(q, k, trans_b=True)
         g, _, _ = gates(kv_block, s)
         return kv_block - 1, carry + jnp.sum(g, axis=1)
 
     unsaturable = jnp.min(jnp.where(real, gate_total, jnp.inf)) < max_pos
-    if segments:  # saturated tiles must need no mask: packed rows take the band path only
-        unsaturable = jnp.bool_(True)
-    search_start = jnp.where(unsaturable, -1, hi - 1)
+    search_start = jnp.where(unsaturable, bottom - 1, hi - 1)
     last_saturated, band_total = lax.while_loop(
         search_cond, search_body, (search_start, jnp.zeros((block_q,), jnp.float32))
     )
-    n_sat = last_saturated + 1
+    n_sat = last_saturated + 1  # saturated tiles [bottom, n_sat), band tiles [n_sat, hi)
     band_total = jnp.where(unsaturable, gate_total, band_total)
 
     # 2. Band tiles, left to right from the first unsaturated one. Statements are ordered so
@@ -245,11 +270,14 @@ def _band_kernel(
     def band_body(kv_block, state):
         dq, band, dp_carry = state
         keys = pl.ds(kv_block * block_k, block_k)
-        k = k_ref[keys, :]  # [block_k, D]
-        v = v_ref[keys, :]  # [block_k, D]
+        # Non-finite keys and values read as zeros: a masked pair then gives exact zeros, and
+        # an allowed one already made its row's lse NaN.
+        k = _finite_or_zero(k_ref[keys, :])  # [block_k, D]
+        v = _finite_or_zero(v_ref[keys, :])  # [block_k, D]
         s = _dot(q, k, trans_b=True)  # [block_q, block_k] raw q·k
         g, valid, gk = gates(kv_block, s)
         pos = jnp.clip(band[:, None] - (jnp.cumsum(g, axis=1) - g), 0.0, max_pos)
+        pos = jnp.where(pos == pos, pos, 0.0)  # a NaN row (NaN lse) gathers in bounds
         lower = jnp.floor(pos)
         frac = pos - lower
         index = lower.astype(jnp.int32)
@@ -258,24 +286,25 @@ def _band_kernel(
         z_pos = z_lower + frac * z_step
         logits = (s + z_pos) * scale if not nodiv else s * scale + z_pos
         p = jnp.where(valid, jnp.exp(logits - lse[:, None]), 0.0)
-        ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
+        # delta and z are NaN on a NaN row: its masked pairs are cut, not multiplied by 0.
+        ds = jnp.where(valid, p * (_dot(do, v, trans_b=True) - delta[:, None]), 0.0)
         dv_tile = _dot(p.astype(do.dtype), do, trans_a=True)  # [block_k, D]
         ds_pos = ds * pos_scale
 
         # Gate gradient: a prefix sum of dp along the keys, through the sigmoid.
-        dpos = jnp.where(frac > 0.0, ds_pos * z_step, 0.0)
+        dpos = jnp.where(valid & (frac > 0.0), ds_pos * z_step, 0.0)
         dg = dp_carry[:, None] + jnp.cumsum(dpos, axis=1)
-        dgate_logits = dg * g * (1.0 - g) * scale  # g = 0 on masked pairs
+        dgate_logits = jnp.where(valid, dg * g * (1.0 - g) * scale, 0.0)
         dlogits = ds * scale
         if separate_gate_k:
             dq = dq + _dot(dlogits.astype(k.dtype), k) + _dot(dgate_logits.astype(gk.dtype), gk)
-            dk_tile = _dot(dlogits.astype(q.dtype), q, trans_a=True)
-            dgk_tile = _dot(dgate_logits.astype(q.dtype), q, trans_a=True)
+            dk_tile = _dot(dlogits.astype(q.dtype), q_safe, trans_a=True)
+            dgk_tile = _dot(dgate_logits.astype(q.dtype), q_safe, trans_a=True)
             locked_add(kv_block, ((dk_ref, dk_tile), (dv_ref, dv_tile), (dgk_ref, dgk_tile)))
         else:
             dboth = dlogits + dgate_logits
             dq = dq + _dot(dboth.astype(k.dtype), k)
-            dk_tile = _dot(dboth.astype(q.dtype), q, trans_a=True)
+            dk_tile = _dot(dboth.astype(q.dtype), q_safe, trans_a=True)
             locked_add(kv_block, ((dk_ref, dk_tile), (dv_ref, dv_tile)))
 
         # dz: each run end j adds the run's prefix sums at ⌊p_j⌋ (and ⌊p_j⌋ + 1) and subtracts
@@ -296,16 +325,13 @@ def _band_kernel(
     head_dim = q_ref.shape[-1]
     zeros = jnp.zeros((block_q,), jnp.float32)
     dq = jnp.zeros((block_q, head_dim), jnp.float32)
-    band_lo, band_hi = n_sat, hi
-    if segments:  # tiles outside [lo, hi) share no segment with the block: no gate, no P
-        band_lo, band_hi = tiles_ref[0], jnp.minimum(hi, tiles_ref[3])
-    dq, _, _ = lax.fori_loop(band_lo, band_hi, band_body, (dq, band_total, zeros))
+    dq, _, _ = lax.fori_loop(n_sat, hi, band_body, (dq, band_total, zeros))
     dq_ref[...] = dq
-    n_sat_ref[...] = n_sat
+    n_sat_ref[...] = n_sat - bottom  # how many tiles are saturated
 
 
 def _saturated_query_kernel(
-    n_sat_ref,
+    sat_end_ref,
     q_ref,
     k_ref,
     v_ref,
@@ -314,36 +340,55 @@ def _saturated_query_kernel(
     delta_ref,
     z_sat_ref,
     dq_band_ref,
-    dq_ref,
-    dz_sat_ref,
-    *,
+    *refs,
+    segments: bool,
     scale: float,
     pos_scale: float,
     block_k: int,
 ):
-    # n_sat_ref: [] int32; q_ref, do_ref: [block_q, D]; k_ref, v_ref: [S_pad, D]; lse_ref,
-    # delta_ref, z_sat_ref (the scaled position logit at npos - 1), dz_sat_ref: [block_q] fp32;
-    # dq_band_ref (the band kernel's dq), dq_ref: [block_q, D] fp32.
+    # sat_end_ref: [] int32 (the saturated tiles end there); q_ref, do_ref: [block_q, D];
+    # k_ref, v_ref: [S_pad, D]; lse_ref, delta_ref, z_sat_ref (the scaled position logit at
+    # npos - 1): [block_q] fp32; dq_band_ref (the band kernel's dq): [block_q, D] fp32; refs:
+    # with `segments` tiles_ref [4] int32 (`tile_ranges`), q_seg_ref [block_q] int32,
+    # kv_seg_ref [S_pad] int32; then dq_ref [block_q, D] fp32, dz_sat_ref [block_q] fp32.
+    tiles_ref, q_seg_ref, kv_seg_ref = refs[:3] if segments else (None, None, None)
+    dq_ref, dz_sat_ref = refs[-2:]
     q = q_ref[...]  # [block_q, D]
     do = do_ref[...]  # [block_q, D]
     lse = lse_ref[...]  # [block_q]
     delta = delta_ref[...]  # [block_q]
     z_sat = z_sat_ref[...]  # [block_q]
 
-    # No mask: every row of a saturated tile sees a key to its right.
-    def body(kv_block, state):
+    # No causal or length mask: every row of a saturated tile sees a key to its right. Tiles
+    # not inside one segment (`masked`) keep the segment mask.
+    def body(kv_block, state, *, masked: bool):
         dq, ds_sum = state
         keys = pl.ds(kv_block * block_k, block_k)
         k = k_ref[keys, :]  # [block_k, D]
         v = v_ref[keys, :]  # [block_k, D]
+        if masked:
+            k, v = _finite_or_zero(k), _finite_or_zero(v)
         s = _dot(q, k, trans_b=True) * scale + z_sat[:, None]
         p = jnp.exp(s - lse[:, None])
         ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
+        if masked:
+            valid = q_seg_ref[...][:, None] == kv_seg_ref[keys][None, :]
+            ds = jnp.where(valid, ds, 0.0)
         dq = dq + _dot(ds.astype(k.dtype), k)
         return dq, ds_sum + jnp.sum(ds, axis=1)
 
     zeros = jnp.zeros((q.shape[0],), jnp.float32)
-    dq, ds_sum = lax.fori_loop(0, n_sat_ref[...], body, (jnp.zeros(q.shape, jnp.float32), zeros))
+    state = (jnp.zeros(q.shape, jnp.float32), zeros)
+    end = sat_end_ref[...]
+    if segments:  # saturated tiles [bottom, end): from the first tile sharing a segment
+        bottom = jnp.minimum(tiles_ref[0], end)
+        a = jnp.clip(tiles_ref[1], bottom, end)
+        b = jnp.clip(tiles_ref[2], a, end)
+        state = fori_ranges(((a, b),), functools.partial(body, masked=False), state)
+        state = fori_ranges(((bottom, a), (b, end)), functools.partial(body, masked=True), state)
+    else:
+        state = lax.fori_loop(0, end, functools.partial(body, masked=False), state)
+    dq, ds_sum = state
     dq_ref[...] = dq * scale + dq_band_ref[...]
     dz_sat_ref[...] = ds_sum * pos_scale
 
@@ -354,14 +399,13 @@ def _key_kernel(
     lse_ref,
     delta_ref,
     z_sat_ref,
-    n_sat_ref,
+    sat_end_ref,
     k_ref,
     v_ref,
     dk_acc_ref,
     dv_acc_ref,
-    dk_ref,
-    dv_ref,
-    *,
+    *refs,
+    segments: bool,
     scale: float,
     causal: bool,
     offset: int,
@@ -370,8 +414,13 @@ def _key_kernel(
     group: int,
 ):
     # q_ref, do_ref: [T_pad, G, D]; lse_ref, delta_ref, z_sat_ref: [G, T_pad] fp32 (z_sat: the
-    # scaled position logit at npos - 1); n_sat_ref: [G, num_q_blocks] int32; k_ref, v_ref,
-    # dk_ref, dv_ref: [block_k, D]; dk_acc_ref, dv_acc_ref: [block_k, D] fp32 (band tiles).
+    # scaled position logit at npos - 1); sat_end_ref: [G, num_q_blocks] int32 (where each query
+    # block's saturated tiles end); k_ref, v_ref: [block_k, D]; dk_acc_ref, dv_acc_ref:
+    # [block_k, D] fp32 (band tiles); refs: with `segments` tiles_ref [4] int32 (`tile_ranges`
+    # of this key block over the query blocks), q_seg_ref [T_pad] int32, kv_seg_ref [block_k]
+    # int32; then dk_ref, dv_ref: [block_k, D].
+    tiles_ref, q_seg_ref, kv_seg_ref = refs[:3] if segments else (None, None, None)
+    dk_ref, dv_ref = refs[-2:]
     kv_block = pl.program_id(0)
     num_q_blocks = q_ref.shape[0] // block_q
     k = k_ref[...]  # [block_k, D]
@@ -381,8 +430,9 @@ def _key_kernel(
     if causal:
         lo = _cdiv(jnp.maximum((kv_block + 1) * block_k - 1 - offset, 0), block_q)
 
-    def body(q_block, carry, *, g):
-        # Loads stay outside the branch so that the loop can prefetch them.
+    def body(q_block, carry, *, g, masked: bool = False):
+        # Loads stay outside the branch so that the loop can prefetch them. `masked` tiles are
+        # not inside one segment: the segment mask, and zeros in place of non-finite operands.
         q_rows = pl.ds(q_block * block_q, block_q)
         q = q_ref[q_rows, g, :]  # [block_q, D]
         do = do_ref[q_rows, g, :]  # [block_q, D]
@@ -392,17 +442,33 @@ def _key_kernel(
 
         def tile(carry):
             dk, dv = carry
-            s = _dot(q, k, trans_b=True) * scale + z_sat[:, None]
+            qt, kt, vt = (_finite_or_zero(x) for x in (q, k, v)) if masked else (q, k, v)
+            s = _dot(qt, kt, trans_b=True) * scale + z_sat[:, None]
             p = jnp.exp(s - lse[:, None])  # [block_q, block_k]
+            if masked:
+                valid = q_seg_ref[q_rows][:, None] == kv_seg_ref[...][None, :]
+                p = jnp.where(valid, p, 0.0)
             dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
-            ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
-            dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
+            ds = p * (_dot(do, vt, trans_b=True) - delta[:, None])
+            if masked:
+                ds = jnp.where(valid, ds, 0.0)
+            dk = dk + _dot(ds.astype(q.dtype), qt, trans_a=True)
             return dk, dv
 
-        return lax.cond(n_sat_ref[g, q_block] > kv_block, tile, lambda c: c, carry)
+        return lax.cond(sat_end_ref[g, q_block] > kv_block, tile, lambda c: c, carry)
+
+    if segments:  # the query blocks sharing a segment with this key block
+        seg_lo, single_lo, single_hi, seg_hi = (tiles_ref[n] for n in range(4))
+        hi = jnp.maximum(seg_hi, lo)
+        lo = jnp.clip(seg_lo, lo, hi)
+        a = jnp.clip(single_lo, lo, hi)
+        b = jnp.clip(single_hi, a, hi)
 
     def head(g, carry):
-        return lax.fori_loop(lo, num_q_blocks, functools.partial(body, g=g), carry)
+        if not segments:
+            return lax.fori_loop(lo, num_q_blocks, functools.partial(body, g=g), carry)
+        carry = fori_ranges(((a, b),), functools.partial(body, g=g), carry)
+        return fori_ranges(((lo, a), (b, hi)), functools.partial(body, g=g, masked=True), carry)
 
     zeros = jnp.zeros(k.shape, jnp.float32)
     dk, dv = lax.fori_loop(0, group, head, (zeros, zeros))
@@ -476,8 +542,7 @@ def cope_attention_bwd(
       out: [B, T, H, D] the forward output; lse: [B, H, T] fp32 natural-log softmax denominator
         (+inf for rows with no visible key); gate_total: [B, H, T] fp32 unclamped Σ_j g_ij.
       dout: [B, T, H, D] the output cotangent.
-      segment_ids: optional [B, T] int (T == S): packed rows, pairs of one segment only. Such
-        calls run every shared tile through the band kernel (no saturated tiles).
+      segment_ids: optional [B, T] int (T == S): packed rows, pairs of one segment only.
       causal, scale (None: 1/sqrt(D)), nodiv: as the forward.
       config: tiles (None: `heuristic_backward_config`); interpret: Pallas interpret mode.
 
@@ -526,7 +591,8 @@ def backward_with_saturation(
     interpret: bool,
 ):
     """`cope_attention_bwd`, plus n_sat [B, H, T_pad / block_q] int32: the number of leading
-    key tiles of each query block that ran as saturated (plain flash) tiles."""
+    key tiles of each query block that ran as saturated (plain flash) tiles (with segment ids,
+    leading from the block's first tile that shares a segment)."""
     _check(q, k, v, pos_emb, gate_k, lengths, out, lse, gate_total, dout, segment_ids)
     batch, q_len, heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
@@ -580,15 +646,21 @@ def backward_with_saturation(
         inputs.append(_pad(gate_k, {1: kv_pad, 3: d_pad}))
     in_specs += [q_spec, row_spec, row_spec, row_spec, z_spec]
     inputs += [dop, lse, delta, gate_total, z]
-    if segment_ids is not None:
+    segments = segment_ids is not None
+    seg_specs_q, seg_inputs_q = [], []
+    if segments:
         q_seg, kv_seg = pad_segments(segment_ids, q_pad, kv_pad)
-        tiles = tile_ranges(q_seg, kv_seg, block_q=block_q, block_k=block_k, by_keys=False)
-        in_specs += [
-            pl.BlockSpec((None, None, 4), lambda i, b, h: (b, qb(i), 0)),  # [B, nQ, 4]
-            pl.BlockSpec((None, block_q), lambda i, b, h: (b, qb(i))),  # q_seg [B, T_pad]
-            pl.BlockSpec((None, kv_pad), lambda i, b, h: (b, 0)),  # kv_seg [B, S_pad]
-        ]
-        inputs += [tiles, q_seg, kv_seg]
+        tiles_q = tile_ranges(q_seg, kv_seg, block_q=block_q, block_k=block_k, by_keys=False)
+        seg_inputs_q = [tiles_q, q_seg, kv_seg]
+        seg_specs_q = _segment_specs(
+            lambda i, b, h: (b, qb(i), 0),
+            lambda i, b, h: (b, qb(i)),
+            lambda i, b, h: (b, 0),
+            q_rows=block_q,
+            kv_rows=kv_pad,
+        )
+    in_specs += seg_specs_q
+    inputs += seg_inputs_q
     in_specs += [dz_spec, lock_spec] + [kv_spec] * num_acc
     inputs.append(jnp.zeros((batch, heads, q_pad, dz_width), f32))
     inputs.append(jnp.zeros((batch, kv_heads, num_k_blocks), f32))  # locks
@@ -607,7 +679,7 @@ def backward_with_saturation(
             block_k=block_k,
             num_q_blocks=num_q_blocks,
             separate_gate_k=separate,
-            segments=segment_ids is not None,
+            segments=segments,
             band_atomics=config.band_atomics,
             num_threads=32 * config.num_warps_band,
             compiled=not interpret,
@@ -634,16 +706,21 @@ def backward_with_saturation(
         name="cope_attention_bwd_band",
     )(*inputs)
 
+    sat_end = n_sat  # [B, H, T_pad / block_q]: the saturated tiles end there
+    if segments:  # they start at the block's first tile sharing a segment
+        sat_end = jnp.where(n_sat > 0, tiles_q[:, None, :, 0] + n_sat, 0)
     dq, dz_sat = pl.pallas_call(
         functools.partial(
             _saturated_query_kernel,
+            segments=segments,
             scale=scale,
             pos_scale=1.0 if nodiv else scale,
             block_k=block_k,
         ),
         grid=(num_q_blocks, batch, heads),
         in_specs=[n_sat_spec, q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec, row_spec]
-        + [q_spec],
+        + [q_spec]
+        + seg_specs_q,
         out_specs=[q_spec, row_spec],
         out_shape=[
             jax.ShapeDtypeStruct(qp.shape, f32),
@@ -655,14 +732,26 @@ def backward_with_saturation(
         ),
         interpret=interpret,
         name="cope_attention_bwd_dq",
-    )(n_sat, qp, kp, vp, dop, lse, delta, z_sat, dq_band)
+    )(sat_end, qp, kp, vp, dop, lse, delta, z_sat, dq_band, *seg_inputs_q)
 
     q_spec = pl.BlockSpec((None, q_pad, group, d_pad), lambda j, b, h: (b, 0, h, 0))
     row_spec = pl.BlockSpec((None, group, q_pad), lambda j, b, h: (b, h, 0))
     kv_spec = pl.BlockSpec((None, block_k, None, d_pad), lambda j, b, h: (b, j, h, 0))
+    seg_specs_k, seg_inputs_k = [], []
+    if segments:
+        tiles_k = tile_ranges(q_seg, kv_seg, block_q=block_q, block_k=block_k, by_keys=True)
+        seg_inputs_k = [tiles_k, q_seg, kv_seg]
+        seg_specs_k = _segment_specs(
+            lambda j, b, h: (b, j, 0),
+            lambda j, b, h: (b, 0),
+            lambda j, b, h: (b, j),
+            q_rows=q_pad,
+            kv_rows=block_k,
+        )
     dk, dv = pl.pallas_call(
         functools.partial(
             _key_kernel,
+            segments=segments,
             scale=scale,
             causal=bool(causal),
             offset=kv_len - q_len,
@@ -677,11 +766,12 @@ def backward_with_saturation(
             row_spec,  # lse
             row_spec,  # delta
             row_spec,  # z_sat
-            pl.BlockSpec((None, group, num_q_blocks), lambda j, b, h: (b, h, 0)),  # n_sat
+            pl.BlockSpec((None, group, num_q_blocks), lambda j, b, h: (b, h, 0)),  # sat_end
             kv_spec,  # k
             kv_spec,  # v
             kv_spec,  # dk accumulator
             kv_spec,  # dv accumulator
+            *seg_specs_k,
         ],
         out_specs=[kv_spec, kv_spec],
         out_shape=[
@@ -693,7 +783,7 @@ def backward_with_saturation(
         ),
         interpret=interpret,
         name="cope_attention_bwd_dkv",
-    )(qp, dop, lse, delta, z_sat, n_sat, kp, vp, dk_acc, dv_acc)
+    )(qp, dop, lse, delta, z_sat, sat_end, kp, vp, dk_acc, dv_acc, *seg_inputs_k)
 
     # dz [B, H, T, N]: the band histogram plus the saturated tiles' Σ ds' at npos - 1. Its two
     # small matmuls run in fp32 (full precision for fp32 inputs).

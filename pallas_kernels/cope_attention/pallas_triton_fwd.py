@@ -13,6 +13,15 @@ Saturation: once every live row of the block has carry >= npos - 1, every key fu
 at the clamped position npos - 1, whose logit z_i[npos - 1] is a per-row constant. Those tiles
 run as plain flash tiles (no gates, no gathers, no masks) plus that constant. Rows whose gates
 stay near 0 never saturate and keep the exact gated path to key 0.
+
+Packed rows (`segment_ids`): a query sees only keys of its own segment, so gates of other
+segments are 0 and positions restart in each segment. The walk covers only the key tiles that
+share a segment with the block (`pallas_kernels._segments`); saturated tiles that are not inside
+one segment keep the segment mask.
+
+Non-finite inputs: masked pairs never matter (cut with `where`, non-finite values zeroed before
+the products over masked pairs, gather indices from non-finite positions sanitised); a NaN or inf
+at an allowed pair makes the whole row NaN, as in `cope.functional`.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels._segments import fori_ranges, pad_segments, tile_ranges
 from pallas_kernels.cope_attention.config import ForwardConfig, heuristic_config
 
 LOG2E = math.log2(math.e)
@@ -50,6 +60,11 @@ def _cdiv(a, b: int):
     return lax.div(a + (b - 1), b)
 
 
+def _finite_rows(x: jax.Array) -> jax.Array:
+    """[rows, D] -> [rows] bool: the row holds no NaN or inf."""
+    return jnp.min(jnp.where(jnp.isfinite(x), 1, 0), axis=1) > 0
+
+
 def _q_block_map(causal: bool, num_q_blocks: int):
     """Grid index -> query block; causal launches the heaviest (last) blocks first."""
     if causal:
@@ -64,10 +79,8 @@ def _forward_kernel(
     gk_ref,
     v_ref,
     z_ref,
-    o_ref,
-    lse_ref,
-    gate_total_ref,
-    *,
+    *refs,
+    segments: bool,
     scale: float,
     causal: bool,
     nodiv: bool,
@@ -80,8 +93,12 @@ def _forward_kernel(
     separate_gate_k: bool,
     exact_gate_total: bool,
 ):
-    # length_ref: [] int32; q_ref, o_ref: [block_q, D]; k_ref, gk_ref, v_ref: [S_pad, D];
-    # z_ref: [block_q, N + 1] fp32; lse_ref, gate_total_ref: [block_q] fp32
+    # length_ref: [] int32; q_ref: [block_q, D]; k_ref, gk_ref, v_ref: [S_pad, D];
+    # z_ref: [block_q, N + 1] fp32; refs: with `segments` tiles_ref [4] int32 (`tile_ranges`),
+    # q_seg_ref [block_q] int32, kv_seg_ref [S_pad] int32; then o_ref [block_q, D],
+    # lse_ref, gate_total_ref [block_q] fp32
+    tiles_ref, q_seg_ref, kv_seg_ref = refs[:3] if segments else (None, None, None)
+    o_ref, lse_ref, gate_total_ref = refs[-3:]
     q_block = _q_block_map(causal, num_q_blocks)(pl.program_id(0))
     length = length_ref[...]
     q = q_ref[...]  # [block_q, D]
@@ -91,6 +108,7 @@ def _forward_kernel(
     qk_scale = scale * LOG2E  # logits are kept in the log2 domain
     pos_scale = LOG2E if nodiv else scale * LOG2E
     max_pos = float(npos - 1)
+    q_seg = q_seg_ref[...] if segments else None  # [block_q]
 
     key_end = length  # keys [0, key_end) are visible to some row of this block
     live = (rows < q_len) & (length > 0)  # rows that see at least one key
@@ -98,8 +116,17 @@ def _forward_kernel(
         key_end = jnp.minimum(key_end, jnp.maximum(q_block * block_q + block_q + offset, 0))
         live = live & (rows + offset >= 0)
     num_blocks = _cdiv(key_end, block_k)
+    first_block = jnp.int32(0)  # the walk stops at this key tile
+    if segments:  # only tiles sharing a segment with the block
+        seg_lo, single_lo, single_hi, seg_hi = (tiles_ref[n] for n in range(4))
+        num_blocks = jnp.minimum(num_blocks, seg_hi)
+        first_block = jnp.minimum(seg_lo, num_blocks)
     # [block_q] log2-domain logit of the clamped position npos - 1.
     saturated_logit = z_ref[:, npos - 1] * pos_scale
+
+    def segment_mask(kv_block):
+        kv_seg = kv_seg_ref[pl.ds(kv_block * block_k, block_k)]  # [block_k]
+        return q_seg[:, None] == kv_seg[None, :]
 
     def gate_logits(s, kv_block):
         if not separate_gate_k:
@@ -107,23 +134,33 @@ def _forward_kernel(
         gk = gk_ref[pl.ds(kv_block * block_k, block_k), :]  # [block_k, D]
         return _dot(q, gk, trans_b=True)
 
-    def softmax_step(s2, kv_block, acc, m_prev, l_prev, valid=None):
+    def softmax_step(s2, v, acc, m_prev, l_prev, valid=None):
+        # exp2 would weigh a -inf logit (from an infinite q, k or z) 0; NaN and +inf logits
+        # already end as NaN rows, so a -inf one must too.
+        s2 = jnp.where(s2 > -jnp.inf, s2, jnp.nan)
         m_next = jnp.maximum(m_prev, jnp.max(s2, axis=1))  # [block_q]
         alpha = jnp.exp2(m_prev - m_next)
         p = jnp.exp2(s2 - m_next[:, None])  # [block_q, block_k]
         if valid is not None:
             p = jnp.where(valid, p, 0.0)
         l_next = l_prev * alpha + jnp.sum(p, axis=1)
-        v = v_ref[pl.ds(kv_block * block_k, block_k), :]  # [block_k, D]
         acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
         return acc, m_next, l_next
+
+    def masked_values(kv_block, s2, valid):
+        """The tile's values with non-finite rows zeroed (p = 0 times NaN would still be NaN),
+        and the logits with an allowed pair reading such a value NaN."""
+        v = v_ref[pl.ds(kv_block * block_k, block_k), :]  # [block_k, D]
+        v_ok = _finite_rows(v)  # [block_k]
+        v = jnp.where(v_ok[:, None], v, 0)
+        return v, jnp.where(valid, jnp.where(v_ok[None, :], s2, jnp.nan), MASK_VALUE)
 
     def gated_cond(state):
         # Rows without keys start at +inf, so they never hold the walk back. The test lives
         # here rather than as a flag in the loop state: Triton crashes on scalar flags there.
         kv_block, carry = state[0], state[-1]
         least = jnp.min(carry)
-        return (kv_block >= 0) & ~((least >= max_pos) & (least > 0.0))
+        return (kv_block >= first_block) & ~((least >= max_pos) & (least > 0.0))
 
     def gated_body(state):
         kv_block, acc, m, l, carry = state
@@ -131,30 +168,44 @@ def _forward_kernel(
         valid = cols[None, :] < length  # [block_q, block_k]
         if causal:
             valid = valid & (cols[None, :] <= rows[:, None] + offset)
+        if segments:
+            valid = valid & segment_mask(kv_block)
         k = k_ref[pl.ds(kv_block * block_k, block_k), :]  # [block_k, D]
         s = _dot(q, k, trans_b=True)  # [block_q, block_k] raw q·k
         g = jnp.where(valid, _sigmoid(gate_logits(s, kv_block) * scale), 0.0)
         tile_total = jnp.sum(g, axis=1)  # [block_q]
         suffix = (carry + tile_total)[:, None] - jnp.cumsum(g, axis=1) + g
         pos = jnp.clip(suffix, 0.0, max_pos)  # [block_q, block_k]
+        # A NaN gate of the row (an allowed non-finite gate key) leaves a NaN position: the
+        # gather reads position 0 instead and the logit becomes NaN.
+        pos_ok = pos == pos
+        pos = jnp.where(pos_ok, pos, 0.0)
         lower = jnp.floor(pos)
         frac = pos - lower
         index = lower.astype(jnp.int32)
         z_lower = z_ref[gather_rows, index]  # [block_q, block_k]
         z_upper = z_ref[gather_rows, index + 1]  # column N is a finite pad, weight 0 there
-        z_pos = z_lower + frac * (z_upper - z_lower)
-        s2 = jnp.where(valid, s * qk_scale + z_pos * pos_scale, MASK_VALUE)
-        acc, m, l = softmax_step(s2, kv_block, acc, m, l, valid)
+        z_pos = jnp.where(pos_ok, z_lower + frac * (z_upper - z_lower), jnp.nan)
+        v, s2 = masked_values(kv_block, s * qk_scale + z_pos * pos_scale, valid)
+        acc, m, l = softmax_step(s2, v, acc, m, l, valid)
         return kv_block - 1, acc, m, l, carry + tile_total
 
-    def saturated_body(kv_block, state):
-        # Every live row is saturated and, having seen a key to the right, sees all of these.
+    def saturated_body(kv_block, state, *, masked: bool):
+        # Every live row is saturated and, having seen a key to the right, sees all of these
+        # (of its own segment: `masked` tiles are not inside one segment).
         acc, m, l, carry = state
         k = k_ref[pl.ds(kv_block * block_k, block_k), :]  # [block_k, D]
         s = _dot(q, k, trans_b=True)  # [block_q, block_k]
-        acc, m, l = softmax_step(s * qk_scale + saturated_logit[:, None], kv_block, acc, m, l)
+        s2 = s * qk_scale + saturated_logit[:, None]
+        valid = segment_mask(kv_block) if masked else None
+        if masked:
+            v, s2 = masked_values(kv_block, s2, valid)
+        else:
+            v = v_ref[pl.ds(kv_block * block_k, block_k), :]  # [block_k, D]
+        acc, m, l = softmax_step(s2, v, acc, m, l, valid)
         if exact_gate_total:
-            carry = carry + jnp.sum(_sigmoid(gate_logits(s, kv_block) * scale), axis=1)
+            g = _sigmoid(gate_logits(s, kv_block) * scale)
+            carry = carry + jnp.sum(g if valid is None else jnp.where(valid, g, 0.0), axis=1)
         return acc, m, l, carry
 
     head_dim = q_ref.shape[-1]
@@ -166,12 +217,28 @@ def _forward_kernel(
         jnp.where(live, 0.0, jnp.inf),  # [block_q] gates of the keys passed so far
     )
     next_block, acc, m, l, carry = lax.while_loop(gated_cond, gated_body, state)
-    acc, m, l, carry = lax.fori_loop(0, next_block + 1, saturated_body, (acc, m, l, carry))
+    state = (acc, m, l, carry)
+    stop = next_block + 1  # saturated tiles [first_block, stop)
+    if segments:
+        a = jnp.clip(single_lo, first_block, stop)
+        b = jnp.clip(single_hi, a, stop)
+        state = fori_ranges(((a, b),), functools.partial(saturated_body, masked=False), state)
+        masked_body = functools.partial(saturated_body, masked=True)
+        state = fori_ranges(((first_block, a), (b, stop)), masked_body, state)
+    else:
+        state = lax.fori_loop(0, stop, functools.partial(saturated_body, masked=False), state)
+    acc, m, l, carry = state
 
-    empty = (l == 0.0) | ~live
+    empty = (l == 0.0) | ~live  # no visible key (a NaN l is a NaN row, not an empty one)
     l_safe = jnp.where(empty, 1.0, l)
-    o_ref[...] = jnp.where(empty[:, None], 0.0, acc / l_safe[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(empty, jnp.inf, (m + jnp.log2(l_safe)) / LOG2E)
+    out = acc / l_safe[:, None]
+    # A non-finite value at an allowed key of an unmasked tile leaves inf or NaN in its
+    # columns only; the whole row becomes NaN, as in the masked tiles.
+    ok = _finite_rows(out)  # [block_q]
+    out = jnp.where(ok[:, None], out, jnp.nan)
+    o_ref[...] = jnp.where(empty[:, None], 0.0, out).astype(o_ref.dtype)
+    lse = jnp.where(ok, (m + jnp.log2(l_safe)) / LOG2E, jnp.nan)
+    lse_ref[...] = jnp.where(empty, jnp.inf, lse)
     gate_total_ref[...] = jnp.where(live, carry, 0.0)
 
 
@@ -208,6 +275,7 @@ def cope_attention_fwd(
     pos_emb,
     gate_k,
     lengths,
+    segment_ids=None,
     *,
     causal: bool,
     scale: float | None,
@@ -221,7 +289,8 @@ def cope_attention_fwd(
 
     Args:
       q: [B, T, H, D]; k, v: [B, S, K, D]; pos_emb: [N, D]; gate_k: [B, S, K, D] or None
-        (gates use k); lengths: [B] int or None (all S keys valid). Unpadded.
+        (gates use k); lengths: [B] int or None (all S keys valid); segment_ids: [B, T] int
+        or None (T == S: packed rows, gates and attention within a segment only). Unpadded.
       causal, scale (None: 1/sqrt(D)), nodiv: as `cope.functional.cope_attention`.
       config: tiles (None: `heuristic_config`); interpret: Pallas interpret mode.
       exact_gate_total: sum the gates of saturated tiles too. Without it (forward only) a
@@ -272,6 +341,7 @@ def cope_attention_fwd(
         num_q_blocks=num_q_blocks,
         separate_gate_k=gate_k is not None,
         exact_gate_total=exact_gate_total,
+        segments=segment_ids is not None,
     )
     qb = _q_block_map(bool(causal), num_q_blocks)
     q_spec = pl.BlockSpec((None, block_q, None, d_pad), lambda i, b, h: (b, qb(i), h, 0))
@@ -285,6 +355,16 @@ def cope_attention_fwd(
         kv_spec,  # v
         pl.BlockSpec((None, None, block_q, npos + 1), lambda i, b, h: (b, h, qb(i), 0)),  # z
     ]
+    inputs = [lengths, qp, kp, gkp, vp, z]
+    if segment_ids is not None:
+        q_seg, kv_seg = pad_segments(segment_ids, q_pad, kv_pad)
+        tiles = tile_ranges(q_seg, kv_seg, block_q=block_q, block_k=block_k, by_keys=False)
+        inputs += [tiles, q_seg, kv_seg]
+        in_specs += [
+            pl.BlockSpec((None, None, 4), lambda i, b, h: (b, qb(i), 0)),
+            pl.BlockSpec((None, block_q), lambda i, b, h: (b, qb(i))),
+            pl.BlockSpec((None, kv_pad), lambda i, b, h: (b, 0)),
+        ]
     out, lse, gate_total = pl.pallas_call(
         kernel,
         grid=(num_q_blocks, batch, heads),
@@ -301,7 +381,7 @@ def cope_attention_fwd(
         interpret=interpret,
         debug=debug,
         name="cope_attention_fwd",
-    )(lengths, qp, kp, gkp, vp, z)
+    )(*inputs)
     return (
         out[:, :q_len, :, :head_dim],
         lse[:, :, :q_len],

@@ -168,24 +168,35 @@ def test_decode_attention(device_kind, softmax):
     assert calls.get(TRITON) == 1, calls
 
 
-# q [B, T, H, D], k/v (and gate keys) [B, S, K, D], npos, lengths?, separate gate keys?
+# q [B, T, H, D], k/v (and gate keys) [B, S, K, D], npos, lengths?, separate gate keys?,
+# segment ids (packed rows, T == S)?
 COPE_CASES = {
-    "B2 T256 H4 D64 npos64": ((2, 256, 4, 64), (2, 256, 4, 64), 64, False, False),
+    "B2 T256 H4 D64 npos64": ((2, 256, 4, 64), (2, 256, 4, 64), 64, False, False, False),
     "B2 T129 S300 H4 K1 D64 npos513 lengths gate_k": (
         (2, 129, 4, 64),
         (2, 300, 1, 64),
         513,
         True,
         True,
+        False,
+    ),
+    "B2 T300 H4 K2 D64 npos64 lengths segment_ids": (
+        (2, 300, 4, 64),
+        (2, 300, 2, 64),
+        64,
+        True,
+        False,
+        True,
     ),
 }
 
 
 def _cope_call(case: str):
-    """(fn(q, k, v, pos_emb, [lengths], [gate_k]), its abstract args, whether gate_k is one)."""
+    """(fn(q, k, v, pos_emb, [lengths], [gate_k], [segment_ids]), its abstract args, the
+    positions of its differentiable args)."""
     cope_attention = _kernel("pallas_kernels.cope_attention", "cope_attention")
     why_unsupported = _kernel("pallas_kernels.cope_attention", "why_unsupported")
-    q_shape, k_shape, npos, ragged, sep_gates = COPE_CASES[case]
+    q_shape, k_shape, npos, ragged, sep_gates, packed = COPE_CASES[case]
     q, k, pos_emb = S(q_shape, BF16), S(k_shape, BF16), S((npos, q_shape[3]), jnp.float32)
     reason = why_unsupported(q, k, k, pos_emb, gate_k=k if sep_gates else None)
     assert reason is None, reason
@@ -194,14 +205,20 @@ def _cope_call(case: str):
         args.append(S((q_shape[0],), jnp.int32))
     if sep_gates:
         args.append(k)
+    if packed:
+        args.append(S(q_shape[:2], jnp.int32))
 
     def fn(q, k, v, pos_emb, *rest):
         rest = list(rest)
         lengths = rest.pop(0) if ragged else None
         gate_k = rest.pop(0) if sep_gates else None
-        return cope_attention(q, k, v, pos_emb, lengths=lengths, gate_k=gate_k, interpret=None)
+        segments = {"segment_ids": rest.pop(0)} if packed else {}
+        return cope_attention(
+            q, k, v, pos_emb, lengths=lengths, gate_k=gate_k, interpret=None, **segments
+        )
 
-    return fn, args, sep_gates
+    wrt = (0, 1, 2, 3, 4 + ragged) if sep_gates else (0, 1, 2, 3)
+    return fn, args, wrt
 
 
 def _lower_cope(fn, args, case: str, device_kind: str) -> dict[str, int]:
@@ -231,8 +248,7 @@ def test_cope_attention_forward(device_kind, case):
 def test_cope_attention_forward_backward(device_kind, case):
     bwd = "pallas_kernels.cope_attention.pallas_triton_bwd"
     _kernel("pallas_kernels.cope_attention", "cope_attention", needs=bwd)
-    fn, args, sep_gates = _cope_call(case)
-    wrt = (0, 1, 2, 3, len(args) - 1) if sep_gates else (0, 1, 2, 3)
+    fn, args, wrt = _cope_call(case)
     calls = _lower_cope(_grad(fn, wrt), args, case, device_kind)
     assert calls.get(TRITON, 0) >= 2, calls  # the forward kernel and at least one backward
 
